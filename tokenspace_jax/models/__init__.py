@@ -1,0 +1,10 @@
+"""Llama in Flax, and loaders for the weights users have."""
+
+from tokenspace_jax.models.config import LlamaConfig, RopeScaling, UnsupportedConfigError
+from tokenspace_jax.models.kv_cache import KVCache
+from tokenspace_jax.models.llama import Llama
+from tokenspace_jax.models.loading.errors import ModelLoadError, WeightFormatError
+from tokenspace_jax.models.loading.load import LoadedModel, load_model, read_config
+
+__all__ = ['KVCache', 'Llama', 'LlamaConfig', 'LoadedModel', 'ModelLoadError', 'RopeScaling',
+           'UnsupportedConfigError', 'WeightFormatError', 'load_model', 'read_config']

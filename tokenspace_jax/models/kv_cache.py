@@ -1,0 +1,46 @@
+"""The key/value cache: a fixed-capacity buffer, so that appending never changes a shape.
+
+Sequences are left-padded: every example's prefix ends at the same slot, so a new block of tokens
+is written at one shared offset ``end`` for the whole batch, and the per-example validity mask
+keeps padding slots out of attention. Fixed shapes mean one compilation for every decoding step.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from tokenspace_jax.models.config import LlamaConfig
+
+
+class KVCache(flax.struct.PyTreeNode):
+  k: jax.Array  # [layers, batch, capacity, kv_heads, head_dim], RoPE already applied
+  v: jax.Array  # [layers, batch, capacity, kv_heads, head_dim]
+  valid: jax.Array  # [batch, capacity] bool: slot holds a real (non-padding) token
+  end: jax.Array  # [] int32: first slot not yet written
+
+  @classmethod
+  def empty(cls, config: LlamaConfig, batch: int, capacity: int, dtype=jnp.float32) -> KVCache:
+    shape = (config.num_layers, batch, capacity, config.num_kv_heads, config.head_dim)
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+               valid=jnp.zeros((batch, capacity), bool), end=jnp.zeros((), jnp.int32))
+
+  @property
+  def capacity(self) -> int:
+    return self.valid.shape[1]
+
+  @property
+  def lengths(self) -> jax.Array:
+    """Number of real tokens per example; the next token's RoPE position."""
+    return self.valid.sum(axis=1, dtype=jnp.int32)
+
+  def append(self, k: jax.Array, v: jax.Array, mask: jax.Array) -> KVCache:
+    """Writes a block of T tokens (k, v: [layers, batch, T, ...], mask: [batch, T]) at ``end``."""
+    zero = jnp.zeros((), jnp.int32)
+    at = (zero, zero, self.end, zero, zero)
+    return KVCache(
+        k=jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), at),
+        v=jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), at),
+        valid=jax.lax.dynamic_update_slice(self.valid, mask, (zero, self.end)),
+        end=self.end + mask.shape[1])
