@@ -1,0 +1,89 @@
+"""The frozen model used as a classifier: cached prefixes once, then the short tail per query.
+
+``prefix_caches`` runs every example's prompt up to the concept slot once, keeping its key/value
+cache and the model's own next-token distribution at the slot (the naturalness prior ``q``).
+``answer_log_probs`` then runs only [label slot, tail tokens] on top of those caches: this is the
+part that a descent step differentiates, and what evaluation of a fixed token reuses.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tokenspace_jax.models.kv_cache import KVCache
+from tokenspace_jax.models.llama import Llama
+
+
+class PrefixCaches(flax.struct.PyTreeNode):
+  k: jax.Array  # [layers, examples, P, kv_heads, head_dim]
+  v: jax.Array
+  valid: jax.Array  # [examples, P]
+  log_prior: jax.Array  # [examples, V]: log q, the model's next-token distribution at the slot
+
+  def take(self, idx: jax.Array) -> KVCache:
+    """The caches of examples ``idx`` as a KVCache whose new tokens follow the prefix.
+
+    ``end`` is the capacity: the tail's keys are attended in place and the cache it would write
+    is discarded (XLA drops that write), so no copy of the prefix is made per step.
+    """
+    return KVCache(k=jnp.take(self.k, idx, axis=1), v=jnp.take(self.v, idx, axis=1),
+                   valid=jnp.take(self.valid, idx, axis=0),
+                   end=jnp.asarray(self.valid.shape[1], jnp.int32))
+
+
+def prefix_caches(model: Llama, params, prefix_ids: np.ndarray, prefix_mask: np.ndarray,
+                  chunk: int = 16, cache_dtype=None) -> PrefixCaches:
+  """Caches and priors for all examples, computed in jitted chunks of a fixed size."""
+  n, width = prefix_ids.shape
+  cache_dtype = cache_dtype or model.dtype
+
+  @jax.jit
+  def run(params, ids, mask):
+    cache = KVCache.empty(model.config, ids.shape[0], width, cache_dtype)
+    hidden, cache = model.apply({'params': params}, ids, input_mask=mask, cache=cache,
+                                return_hidden=True)
+    logits = model.apply({'params': params}, hidden[:, -1], method=Llama.logits)
+    return cache.k, cache.v, jax.nn.log_softmax(logits, axis=-1)
+
+  ks, vs, priors = [], [], []
+  for start in range(0, n, chunk):
+    ids, mask = prefix_ids[start:start + chunk], prefix_mask[start:start + chunk]
+    real = ids.shape[0]
+    if real < chunk:  # pad the last chunk so every call has one shape
+      ids = np.concatenate([ids, np.repeat(ids[-1:], chunk - real, 0)])
+      mask = np.concatenate([mask, np.repeat(mask[-1:], chunk - real, 0)])
+    k, v, prior = run(params, ids, mask)
+    ks.append(k[:, :real])
+    vs.append(v[:, :real])
+    priors.append(prior[:real])
+  return PrefixCaches(k=jnp.concatenate(ks, 1), v=jnp.concatenate(vs, 1),
+                      valid=jnp.asarray(prefix_mask), log_prior=jnp.concatenate(priors, 0))
+
+
+def answer_log_probs(model: Llama, params, cache: KVCache, label_embeddings: jax.Array,
+                     tail_ids: jax.Array, answer_ids: jax.Array, answer_bias: jax.Array,
+                     full_vocab: bool) -> jax.Array:
+  """log P(yes), log P(no) [batch, 2] after [label slot(s), tail] on top of ``cache``.
+
+  ``label_embeddings`` is [K, hidden] (one label for the batch) or [batch, K, hidden].
+  ``answer_bias`` is added to the yes-logit. With ``full_vocab`` the answer distribution is the
+  softmax over the whole vocabulary (as in the paper); otherwise over the two answers only.
+  """
+  batch = cache.valid.shape[0]
+  if label_embeddings.ndim == 2:
+    label_embeddings = jnp.broadcast_to(label_embeddings, (batch, *label_embeddings.shape))
+  tail = jnp.take(params['embed'], tail_ids, axis=0).astype(label_embeddings.dtype)
+  tail = jnp.broadcast_to(tail, (batch, *tail.shape))
+  x = jnp.concatenate([label_embeddings, tail], axis=1)
+  hidden, _ = model.apply({'params': params}, embeddings=x, cache=cache, return_hidden=True)
+  last = hidden[:, -1]
+  bias = jnp.stack([answer_bias, jnp.zeros_like(answer_bias)])
+  if full_vocab:
+    logits = model.apply({'params': params}, last, method=Llama.logits)
+    logits = logits.at[:, answer_ids[0]].add(answer_bias)
+    return jnp.take(jax.nn.log_softmax(logits, axis=-1), answer_ids, axis=1)
+  logits = model.apply({'params': params}, last, answer_ids, method=Llama.logits) + bias
+  return jax.nn.log_softmax(logits, axis=-1)

@@ -1,0 +1,102 @@
+"""Defaults shared by every config in configs/; each starts from get_base_config()."""
+
+from ml_collections import ConfigDict
+
+# The zero-shot rating prompt of the paper, adapted to single-token answers: SmolLM2's tokenizer
+# splits " 1" into two tokens, so the space belongs to the answer prefix.
+RATING_PROMPT = dict(
+    system=('You are a careful annotator. You will see a text, one word from it, and a concept. '
+            'Rate whether the word, as used in the text, is an instance of the concept: answer 1 '
+            'if it is, 0 if it is not.'),
+    user='Text: {text}\nWord: "{word}"\nConcept: {concept}',
+    assistant_prefix='Rating: ',
+    yes='1',
+    no='0',
+    chat=True,
+    few_shot=(),
+)
+
+
+def get_base_config() -> ConfigDict:
+  c = ConfigDict()
+  c.seed = 0
+  c.steps = 300
+  c.checkpoint_every = 50
+  c.progress = True
+
+  c.model = ConfigDict()
+  c.model.source = 'default'  # HF folder, .gguf file, or 'default' (SmolLM2-135M-Instruct Q4_1)
+  c.model.dtype = 'float32'
+  c.model.param_dtype = ''  # '' = same as dtype
+
+  c.feature = ConfigDict()
+  c.feature.name = ''  # built-in: chinese, animal, mammal, number
+  c.feature.records = ''  # or an activation-records .jsonl file
+  c.feature.threshold = 0.0  # records: activation > threshold is a positive
+  c.feature.reference_word = ''  # human label to compare against ('' = the feature's own)
+  c.feature.negatives = 'hard'  # built-in features: hard | natural | easy
+  c.feature.heldout_fraction = 0.2  # records only; built-in features have a fixed split
+  c.feature.split_seed = 0
+  c.feature.max_train = 192
+  c.feature.max_heldout = 128
+
+  c.prompt = ConfigDict(RATING_PROMPT)
+
+  c.label = ConfigDict()
+  c.label.num_tokens = 1
+  c.label.init = 'zeros'  # zeros | normal | prior | word
+  c.label.init_scale = 1.0
+  c.label.init_word = ''
+  c.label.temperature = 1.0
+  c.label.learn_answer_bias = True
+  c.label.mask_special = True
+
+  c.loss = ConfigDict()
+  c.loss.answer = 'full'  # full: CE over the whole vocabulary (paper) | binary: yes vs no only
+  c.loss.w_label = 1.0
+  c.loss.w_entropy = 0.02
+  c.loss.entropy_warmup_steps = 60
+  c.loss.w_kl = 0.0
+
+  c.optim = ConfigDict()
+  c.optim.name = 'adam'
+  c.optim.lr = 0.1
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.weight_decay = 0.0
+  c.optim.schedule = 'constant'  # constant | cosine
+  c.optim.warmup_steps = 0
+  c.optim.decay_steps = 300
+  c.optim.final_lr = 0.1
+  c.optim.clip_norm = 0.0
+
+  c.data = ConfigDict()
+  c.data.batch_size = 16
+  c.data.sampling = 'balanced'  # balanced | natural
+  c.data.positive_fraction = 0.5
+
+  c.early_stop = ConfigDict()
+  c.early_stop.prob = 0.9  # stop once the top token's p stays above this ...
+  c.early_stop.patience = 25  # ... for this many steps (prob <= 0 disables)
+
+  c.eval = ConfigDict()
+  c.eval.num_random = 5
+  c.eval.calibration_examples = 64
+  c.eval.batch_size = 32
+  return c
+
+
+def apply_arg(c: ConfigDict, arg: str | None) -> ConfigDict:
+  """``:quick`` shortens the run for smoke tests and first looks."""
+  if arg in (None, ''):
+    return c
+  if arg == 'quick':
+    c.steps = 20
+    c.feature.max_train = 48
+    c.feature.max_heldout = 32
+    c.eval.num_random = 2
+    c.eval.calibration_examples = 16
+    c.data.batch_size = 8
+    c.checkpoint_every = 10
+    return c
+  raise ValueError(f'Unknown config argument {arg!r}; known: quick.')

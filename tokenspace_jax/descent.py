@@ -1,0 +1,102 @@
+"""The descent step: loss, gradient and Optax update of the label, in one jitted function.
+
+Everything the step reads that does not change (weights, prefix caches, targets, the batch
+schedule) travels in ``DescentData``, passed as an argument rather than closed over, so large
+arrays never become compile-time constants. The batch of step ``t`` is row ``t`` of a schedule
+computed up front: the step reads it on device, and a resumed run sees the same batches.
+
+A step whose loss or update is not finite leaves the state unchanged and reports ``ok=False``,
+so the caller still holds the last good label (the state buffers are donated).
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from tokenspace_jax.classifier import PrefixCaches
+from tokenspace_jax.objective import Objective
+
+
+class DescentData(flax.struct.PyTreeNode):
+  params: dict
+  caches: PrefixCaches
+  targets: jax.Array  # [examples] float32 in {0, 1}
+  schedule: jax.Array  # [steps, batch] int32 example indices
+  tail_ids: jax.Array  # [T] int32
+  answer_ids: jax.Array  # [2] int32: yes, no
+  allowed: jax.Array  # [V] bool
+  mean_log_prior: jax.Array  # [V] mean over training examples of log q
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+  """``config.optim``: adam or adamw, optional warm-up/cosine schedule and gradient clipping."""
+  lr = cfg.lr
+  if cfg.get('schedule', 'constant') == 'cosine':
+    lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.get('warmup_steps', 0) or 1,
+                                            cfg.decay_steps, cfg.lr * cfg.get('final_lr', 0.1))
+  if cfg.name == 'adam':
+    opt = optax.adam(lr, b1=cfg.b1, b2=cfg.b2)
+  elif cfg.name == 'adamw':
+    opt = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+  else:
+    raise ValueError(f'optim.name={cfg.name!r} is not one of adam, adamw.')
+  if cfg.get('clip_norm'):
+    opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
+  return opt
+
+
+def init_state(label: dict, optimizer: optax.GradientTransformation) -> dict:
+  return {'label': label, 'opt_state': optimizer.init(label), 'step': jnp.zeros((), jnp.int32)}
+
+
+def make_step(objective: Objective, optimizer: optax.GradientTransformation, top_k: int = 5):
+  """``step(state, data) -> (state, metrics)``, jitted with the state donated."""
+
+  def step(state, data: DescentData):
+    t = state['step']
+    idx = data.schedule[jnp.minimum(t, data.schedule.shape[0] - 1)]
+    targets = jnp.take(data.targets, idx)
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+    (_, metrics), grads = grad_fn(state['label'], data.params, data.caches, idx, targets,
+                                  data.tail_ids, data.answer_ids, data.allowed,
+                                  data.mean_log_prior, t)
+    if not objective.learn_answer_bias:
+      grads['answer_bias'] = jnp.zeros_like(grads['answer_bias'])
+    updates, opt_state = optimizer.update(grads, state['opt_state'], state['label'])
+    label = optax.apply_updates(state['label'], updates)
+    ok = jnp.isfinite(metrics['loss']) & jnp.all(jnp.isfinite(label['logits']))
+    new = {'label': label, 'opt_state': opt_state, 'step': t + 1}
+    new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
+    p = jnp.exp(objective.log_p(label, data.allowed))[0]
+    top_p, top_ids = jax.lax.top_k(p, top_k)
+    return new, {**metrics, 'ok': ok, 'top_ids': top_ids, 'top_p': top_p,
+                 'answer_bias': label['answer_bias']}
+
+  return jax.jit(step, donate_argnums=(0,))
+
+
+def batch_schedule(positives: np.ndarray, negatives: np.ndarray, steps: int, batch_size: int,
+                   positive_fraction: float | None, seed: int) -> np.ndarray:
+  """[steps, batch] example indices; epochs of shuffled positives and negatives drawn in turn.
+
+  ``positive_fraction=None`` samples from all examples in their natural proportion.
+  """
+  rng = np.random.default_rng(seed)
+
+  def stream(pool: np.ndarray, count: int) -> np.ndarray:
+    if count == 0:
+      return np.zeros((0,), np.int64)
+    epochs = -(-count // len(pool))
+    return np.concatenate([rng.permutation(pool) for _ in range(epochs)])[:count]
+
+  if positive_fraction is None:
+    both = np.concatenate([positives, negatives])
+    return stream(both, steps * batch_size).reshape(steps, batch_size).astype(np.int32)
+  n_pos = int(round(batch_size * positive_fraction))
+  pos = stream(positives, steps * n_pos).reshape(steps, n_pos)
+  neg = stream(negatives, steps * (batch_size - n_pos)).reshape(steps, batch_size - n_pos)
+  return np.concatenate([pos, neg], axis=1).astype(np.int32)

@@ -1,0 +1,329 @@
+"""Labeling one feature end to end: data, prompts, caches, descent, evaluation, report.
+
+``run(config, workdir)`` is what ``python -m tokenspace_jax.main`` calls, and what notebooks and
+batch jobs call with a model they already loaded. A workdir is the unit of resumption: rerun the
+same config on it and the run continues from its latest checkpoint (or reports the finished
+result), reaching the same final state as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import ConfigDict
+
+from tokenspace_jax import classifier, descent, evaluate, prompts, report
+from tokenspace_jax import label as label_lib
+from tokenspace_jax.checkpoint import Checkpointer, StopFlag
+from tokenspace_jax.features import (SYNTHETIC_FEATURES, BalancedSampler, Example, Feature,
+                                     FeatureError, load_records, load_synthetic_feature)
+from tokenspace_jax.models import LoadedModel, load_model
+from tokenspace_jax.objective import LossWeights, Objective
+
+log = logging.getLogger('tokenspace_jax')
+
+# Config keys that may differ between a run and its resumption.
+_RESUMABLE_CHANGES = ('steps', 'checkpoint_every', 'early_stop', 'eval', 'progress')
+
+
+class RunInterrupted(RuntimeError):
+  """SIGTERM or Ctrl-C: a checkpoint was written; rerunning the same command resumes."""
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN or infinite; the last good state was kept in a checkpoint."""
+
+
+class ConfigMismatchError(ValueError):
+  pass
+
+
+@dataclasses.dataclass
+class Prepared:
+  """Everything computed once before descent."""
+
+  feature: Feature
+  examples: list[Example]  # train examples first, then held-out ones
+  n_train: int
+  template: prompts.PromptTemplate
+  data: descent.DescentData
+  allowed: np.ndarray
+  answer_ids: tuple[int, int]
+  seconds: float
+
+
+def load_feature(cfg: ConfigDict, tokenizer) -> Feature:
+  if cfg.records:
+    return load_records(cfg.records, tokenizer, threshold=cfg.threshold,
+                        reference_word=cfg.reference_word, seed=cfg.split_seed,
+                        heldout_fraction=cfg.heldout_fraction)
+  if cfg.name not in SYNTHETIC_FEATURES:
+    raise FeatureError(f'Unknown feature {cfg.name!r}. Built-in features: '
+                       f'{", ".join(SYNTHETIC_FEATURES)}; or set feature.records to an '
+                       'activation-records .jsonl file.')
+  feature = load_synthetic_feature(cfg.name, negatives=cfg.negatives)
+  if cfg.reference_word:
+    feature = dataclasses.replace(feature, reference_word=cfg.reference_word)
+  return feature
+
+
+def _stratified_pick(targets: np.ndarray, cap: int, seed: int) -> np.ndarray:
+  """Indices of at most ``cap`` items, half positives where possible, in order; deterministic."""
+  if cap <= 0 or len(targets) <= cap:
+    return np.arange(len(targets))
+  rng = np.random.default_rng(seed)
+  pos, neg = np.flatnonzero(targets > 0.5), np.flatnonzero(targets <= 0.5)
+  n_pos = min(len(pos), max(cap // 2, cap - len(neg)))
+  return np.sort(np.concatenate([rng.choice(pos, n_pos, replace=False),
+                                 rng.choice(neg, cap - n_pos, replace=False)]))
+
+
+def _capped(examples, cap: int, seed: int) -> list[Example]:
+  targets = np.array([e.target for e in examples])
+  return [examples[i] for i in _stratified_pick(targets, cap, seed)]
+
+
+def prepare(config: ConfigDict, lm: LoadedModel) -> Prepared:
+  start = time.perf_counter()
+  feature = load_feature(config.feature, lm.tokenizer)
+  train = _capped(feature.train, config.feature.max_train, config.seed)
+  heldout = _capped(feature.heldout, config.feature.max_heldout, config.seed + 1)
+  for split, xs in (('train', train), ('held-out', heldout)):
+    if not any(e.target > 0.5 for e in xs):
+      raise FeatureError(f'The {split} split of feature {feature.name!r} has no positive '
+                         'example: nothing to learn a label from. Lower feature.threshold or add '
+                         'texts where the feature fires.')
+    if not any(e.target <= 0.5 for e in xs):
+      raise FeatureError(f'The {split} split of feature {feature.name!r} has no negative example.')
+  examples = train + heldout
+  template = prompts.template_from_config(config.prompt)
+  enc = prompts.encode_prompts(template, lm.tokenizer, [(e.text, e.word) for e in examples])
+  caches = classifier.prefix_caches(lm.model, lm.params, enc.prefix_ids, enc.prefix_mask,
+                                    chunk=config.eval.batch_size)
+  allowed = (label_lib.allowed_tokens(lm.tokenizer, lm.config.vocab_size)
+             if config.label.mask_special else np.ones(lm.config.vocab_size, bool))
+  index = {e: i for i, e in reversed(list(enumerate(train)))}
+  fraction = config.data.positive_fraction if config.data.sampling == 'balanced' else None
+  sampler = BalancedSampler(train, config.data.batch_size, positive_fraction=fraction,
+                            seed=config.seed)
+  schedule = np.array([[index[e] for e in sampler.batch(t)] for t in range(config.steps)],
+                      np.int32)
+  targets = np.array([e.target for e in examples], np.float32)
+  data = descent.DescentData(
+      params=lm.params, caches=caches, targets=jnp.asarray(targets),
+      schedule=jnp.asarray(schedule), tail_ids=jnp.asarray(enc.tail_ids),
+      answer_ids=jnp.asarray([enc.yes_id, enc.no_id], jnp.int32),
+      allowed=jnp.asarray(allowed),
+      mean_log_prior=caches.log_prior[:len(train)].mean(axis=0))
+  return Prepared(feature=feature, examples=examples, n_train=len(train), template=template,
+                  data=data, allowed=allowed, answer_ids=(enc.yes_id, enc.no_id),
+                  seconds=time.perf_counter() - start)
+
+
+def make_objective(config: ConfigDict, lm: LoadedModel) -> Objective:
+  if config.loss.answer not in ('full', 'binary'):
+    raise ValueError(f'loss.answer={config.loss.answer!r} is not one of full, binary.')
+  weights = LossWeights(label=config.loss.w_label, entropy=config.loss.w_entropy,
+                        entropy_warmup_steps=config.loss.entropy_warmup_steps, kl=config.loss.w_kl)
+  return Objective(lm.model, weights, temperature=config.label.temperature,
+                   full_vocab_answer=config.loss.answer == 'full',
+                   learn_answer_bias=config.label.learn_answer_bias)
+
+
+def initial_label(config: ConfigDict, lm: LoadedModel, prep: Prepared) -> dict:
+  word_id = (label_lib.token_id_for_word(lm.tokenizer, config.label.init_word)
+             if config.label.init == 'word' else None)
+  return label_lib.init_label(config.label, lm.config.vocab_size,
+                              jax.random.PRNGKey(config.seed),
+                              prior_logits=np.asarray(prep.data.mean_log_prior), word_id=word_id)
+
+
+def _check_workdir_config(workdir: str, config: ConfigDict):
+  path = os.path.join(workdir, 'config.json')
+  current = json.loads(config.to_json())
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+    strip = lambda d: {k: v for k, v in d.items() if k not in _RESUMABLE_CHANGES}
+    if strip(previous) != strip(current):
+      diff = sorted(k for k in set(previous) | set(current)
+                    if k not in _RESUMABLE_CHANGES and previous.get(k) != current.get(k))
+      raise ConfigMismatchError(
+          f'{workdir} holds a run with a different config (differs in: {diff}). Resuming would '
+          'mix two experiments: use a new --workdir, or the same config to resume.')
+  report.write_json(path, current)
+
+
+def run(config: ConfigDict, workdir: str, lm: LoadedModel | None = None,
+        progress: bool = True) -> dict:
+  """Labels the feature of ``config``; returns (and writes) the result."""
+  os.makedirs(workdir, exist_ok=True)
+  result_path = os.path.join(workdir, 'result.json')
+  _check_workdir_config(workdir, config)
+  if os.path.exists(result_path):
+    with open(result_path) as f:
+      log.info('%s already holds a finished run; not recomputing.', result_path)
+      return json.load(f)
+  if config.label.num_tokens != 1:
+    raise ValueError('label.num_tokens > 1 (multi-token labels) is not implemented yet; use 1.')
+  wall_start = time.perf_counter()
+  if lm is None:
+    dtype = jnp.dtype(config.model.dtype)
+    lm = load_model(config.model.source, dtype=dtype,
+                    param_dtype=jnp.dtype(config.model.param_dtype or config.model.dtype))
+    log.info('Loaded %s in %.1f s.', lm.path, lm.load_seconds)
+  prep = prepare(config, lm)
+  log.info('Feature %s: %d train / %d held-out examples; caches and priors in %.1f s.',
+           prep.feature.name, prep.n_train, len(prep.examples) - prep.n_train, prep.seconds)
+  objective = make_objective(config, lm)
+  optimizer = descent.make_optimizer(config.optim)
+  state = descent.init_state(initial_label(config, lm, prep), optimizer)
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), config.checkpoint_every)
+  restored = ckpt.restore(state)
+  if restored is not None:
+    state = restored
+    log.info('Resumed from the checkpoint at step %d.', int(state['step']))
+  start_step = int(state['step'])
+  trajectory = report.Trajectory(os.path.join(workdir, 'trajectory.jsonl'), start_step)
+  try:
+    loop = _descend(config, lm, prep, objective, optimizer, state, ckpt, trajectory, progress)
+  finally:
+    trajectory.close()
+    ckpt.close()
+  result = _finish(config, lm, prep, loop, trajectory.records, workdir,
+                   time.perf_counter() - wall_start)
+  report.write_json(result_path, result)
+  return result
+
+
+def _descend(config, lm, prep, objective, optimizer, state, ckpt, trajectory, progress):
+  from tqdm import tqdm
+
+  step_fn = descent.make_step(objective, optimizer)
+  tok = lm.tokenizer
+  decoded = {}
+  decode = lambda i: decoded.setdefault(i, tok.decode([i]))
+  records = trajectory.records
+  prior_elapsed = records[-1]['elapsed'] if records else 0.0
+  above = 0
+  for r in reversed(records):  # the early-stop streak survives a resume
+    if r['top'][0][1] < config.early_stop.prob:
+      break
+    above += 1
+  t0, compile_seconds = time.perf_counter(), None
+  start = int(state['step'])
+  bar = tqdm(total=config.steps, initial=start, disable=not progress, dynamic_ncols=True)
+  stopped_early = False
+  with StopFlag().installed() as stop:
+    for t in range(start, config.steps):
+      state, metrics = step_fn(state, prep.data)
+      m = jax.device_get(metrics)
+      if compile_seconds is None:
+        compile_seconds = time.perf_counter() - t0
+      if not m['ok']:
+        ckpt.save(t, state, force=True)
+        raise NonFiniteLossError(
+            f'The loss became {m["loss"]} at step {t + 1}; stopped. The last good state (step '
+            f'{t}) is kept in {ckpt.directory}. Lower optim.lr, or check the model '
+            'weights and dtype (bfloat16 overflows more easily than float32).')
+      top = [[decode(int(i)), float(p)] for i, p in zip(m['top_ids'], m['top_p'])]
+      record = {k: float(m[k]) for k in ('loss', 'answer_ce', 'entropy', 'kl', 'w_entropy',
+                                         'batch_accuracy', 'answer_bias')}
+      record.update(step=t + 1, top=top,
+                    elapsed=prior_elapsed + time.perf_counter() - t0)
+      trajectory.append(record)
+      bar.set_postfix_str(f'loss {record["loss"]:.3f} top {top[0][0]!r} p={top[0][1]:.2f}')
+      bar.update(1)
+      ckpt.save(t + 1, state)
+      above = above + 1 if top[0][1] >= config.early_stop.prob else 0
+      if config.early_stop.prob > 0 and above >= config.early_stop.patience:
+        stopped_early = True
+        break
+      if stop:
+        ckpt.save(t + 1, state, force=True)
+        bar.close()
+        raise RunInterrupted(
+            f'{stop.signal_name} received: stopped after step {t + 1} with a checkpoint. Rerun '
+            'the same command to resume.')
+  bar.close()
+  final_step = int(state['step'])
+  ckpt.save(final_step, state, force=True)
+  descent_seconds = time.perf_counter() - t0
+  return {'state': state, 'stopped_early': stopped_early, 'compile_seconds': compile_seconds,
+          'descent_seconds': descent_seconds, 'steps_run': final_step - start}
+
+
+def _finish(config, lm, prep, loop, records, workdir, wall_seconds) -> dict:
+  tok = lm.tokenizer
+  state = loop['state']
+  p = np.asarray(jax.nn.softmax(jnp.where(prep.data.allowed,
+                                          state['label']['logits'] / config.label.temperature,
+                                          -1e9), axis=-1))[0]
+  top = label_lib.top_tokens(p, tok, 10)
+  found_id, found_token, found_p = top[0]
+
+  scorer = evaluate.LabelScorer(lm.model, lm.params, prep.data.caches, prep.data.tail_ids,
+                                prep.data.answer_ids, config.loss.answer == 'full',
+                                config.eval.batch_size)
+  targets = np.asarray(prep.data.targets)
+  calib_idx = _stratified_pick(targets[:prep.n_train], config.eval.calibration_examples,
+                               config.seed + 2)
+  eval_idx = np.arange(prep.n_train, len(prep.examples))
+  labels = [(found_id, found_token, 'found')]
+  ref_word = prep.feature.reference_word
+  if ref_word:
+    for variant in (' ' + ref_word.strip(), ref_word.strip()):
+      try:
+        labels.append((label_lib.token_id_for_word(tok, variant), variant, 'reference'))
+        break
+      except label_lib.LabelError:
+        continue
+    else:
+      log.warning('Reference word %r is not a single token; not scored.', ref_word)
+  for i in evaluate.random_label_tokens(prep.allowed, tok, config.eval.num_random, config.seed):
+    labels.append((i, tok.decode([i]), 'random'))
+  scores = [scorer.score(i, s, role, calib_idx, targets[calib_idx], eval_idx, targets[eval_idx])
+            for i, s, role in labels]
+  verdict = evaluate.verdict(scores)
+  steps_done = int(state['step'])
+  p90 = next((r['step'] for r in records if r['top'][0][1] >= 0.9), None)
+  last = records[-1] if records else {}
+  descent_time = last.get('elapsed', 0.0)
+  result = {
+      'label': found_token, 'token_id': found_id, 'probability': found_p,
+      'top10': [{'token': s, 'id': i, 'p': q} for i, s, q in top],
+      'identifiable': verdict['identifiable'], 'verdict': verdict['message'],
+      'steps': steps_done, 'stopped_early': loop['stopped_early'], 'steps_to_p90': p90,
+      'wall_seconds': wall_seconds, 'descent_seconds': descent_time,
+      'steps_per_second': steps_done / descent_time if descent_time else None,
+      'compile_seconds': loop['compile_seconds'],
+      'final_losses': {k: last.get(k) for k in ('loss', 'answer_ce', 'entropy', 'kl',
+                                                'answer_bias')},
+      'heldout': {'examples': int(len(eval_idx)), 'positives': int(targets[eval_idx].sum()),
+                  'scores': [s.as_dict() for s in scores], 'verdict': verdict},
+      'train': {'examples': prep.n_train, 'positives': int(targets[:prep.n_train].sum())},
+      'feature': prep.feature.name, 'reference_word': ref_word, 'model': lm.path,
+      'config': json.loads(config.to_json()),
+  }
+  report.plot_trajectory(records, os.path.join(workdir, 'trajectory.png'),
+                         f'{prep.feature.name}: {found_token!r} p={found_p:.2f}')
+  return result
+
+
+def summary(result: dict) -> str:
+  """A few lines for the terminal: the label, the evidence, and the verdict."""
+  lines = [f'Feature {result["feature"]!r}: label {result["label"]!r} (p={result["probability"]:.3f},'
+           f' {result["steps"]} steps, {result["wall_seconds"]:.0f} s)',
+           '  held-out    token                 AUROC  bal.acc  acc']
+  for s in result['heldout']['scores']:
+    lines.append(f'  {s["role"]:<10}  {s["token"]!r:<20} {s["auroc"]:6.3f}  {s["balanced_accuracy"]:6.3f}'
+                 f'  {s["accuracy"]:5.3f}')
+  lines.append('  ' + result['verdict'])
+  return '\n'.join(lines)

@@ -1,0 +1,64 @@
+"""Label one feature: ``python -m tokenspace_jax.main --config=configs/chinese.py [--workdir=DIR]``.
+
+Overrides: ``--config.optim.lr=0.3``. Rerunning with the same workdir resumes from its latest
+checkpoint. Only wiring lives here; the work is in ``tokenspace_jax.labeling``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from tokenspace_jax import labeling
+from tokenspace_jax.features import FeatureError
+from tokenspace_jax.label import LabelError
+from tokenspace_jax.models import ModelLoadError, UnsupportedConfigError
+from tokenspace_jax.models.default import DefaultModelMissingError
+from tokenspace_jax.prompts import PromptError
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory (default: workdirs/<feature>).')
+
+# Errors whose message already says what is wrong and how to fix it: shown without a traceback.
+USER_ERRORS = (FeatureError, LabelError, ModelLoadError, UnsupportedConfigError, PromptError,
+               DefaultModelMissingError, labeling.ConfigMismatchError, labeling.NonFiniteLossError)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError('--config is required, e.g. --config=configs/chinese.py')
+  name = config.feature.name or os.path.splitext(os.path.basename(config.feature.records))[0]
+  workdir = _WORKDIR.value or os.path.join('workdirs', name or 'run')
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
+  logging.getLogger('absl').setLevel(logging.WARNING)
+  overrides = [a for a in sys.argv[1:] if a.startswith('--config.')]
+  logging.info('Config %s, overrides %s, workdir %s\n%s', flags.FLAGS['config'].config_filename
+               if hasattr(flags.FLAGS['config'], 'config_filename') else '', overrides, workdir,
+               config)
+  try:
+    result = labeling.run(config, workdir, progress=config.progress)
+  except USER_ERRORS as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  except labeling.RunInterrupted as e:
+    print(str(e), file=sys.stderr)
+    return 143
+  print(labeling.summary(result))
+  print(f'Wrote {os.path.join(workdir, "result.json")} and trajectory.png')
+  return 0
+
+
+def run():
+  app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == '__main__':
+  run()

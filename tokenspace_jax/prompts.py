@@ -1,0 +1,147 @@
+"""Classifier prompts, split at the concept slot into a per-example prefix and a shared tail.
+
+Everything before the slot depends only on the example, so its key/value cache is computed once;
+the tail (the slot, the end of the user turn, the assistant's answer prefix) is the same for
+every example and is all that runs per descent step. The rendered text is split at a sentinel
+rather than assembled by hand, so the model's own chat template (ChatML, Llama-3, ...) decides
+the special tokens.
+
+The label token is expected to carry its own leading space (`` animal``, as BPE vocabularies
+spell words mid-sentence), so one space before the slot is moved out of the prefix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+_SLOT = '\u2063CONCEPT_SLOT\u2063'
+
+
+class PromptError(ValueError):
+  pass
+
+
+@dataclasses.dataclass(frozen=True)
+class FewShot:
+  text: str
+  word: str
+  concept: str
+  answer: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptTemplate:
+  """A classifier prompt. ``user`` holds ``{text}``, ``{word}`` and, last, ``{concept}``."""
+
+  user: str
+  yes: str
+  no: str
+  system: str = ''
+  assistant_prefix: str = ''
+  few_shot: tuple[FewShot, ...] = ()
+  chat: bool = True  # render with the tokenizer's chat template; False: plain completion text
+
+  def __post_init__(self):
+    if '{concept}' not in self.user:
+      raise PromptError('The user template needs a {concept} slot.')
+    after = self.user.split('{concept}', 1)[1]
+    if '{text}' in after or '{word}' in after:
+      raise PromptError('{concept} must come after {text} and {word} in the user template: '
+                        'only what precedes the slot can be cached.')
+
+
+def _fill(template: str, text: str, word: str, concept: str) -> str:
+  return template.replace('{text}', text).replace('{word}', word).replace('{concept}', concept)
+
+
+def render(template: PromptTemplate, tokenizer, text: str, word: str, concept: str) -> str:
+  """The full prompt text, up to where the answer token comes."""
+  answer = lambda yes: (template.yes if yes else template.no)
+  if template.chat:
+    messages = [{'role': 'system', 'content': template.system}] if template.system else []
+    for shot in template.few_shot:
+      messages.append({'role': 'user',
+                       'content': _fill(template.user, shot.text, shot.word, shot.concept)})
+      messages.append({'role': 'assistant',
+                       'content': template.assistant_prefix + answer(shot.answer)})
+    messages.append({'role': 'user', 'content': _fill(template.user, text, word, concept)})
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=True)
+    return rendered + template.assistant_prefix
+  parts = [template.system] if template.system else []
+  for shot in template.few_shot:
+    parts.append(_fill(template.user, shot.text, shot.word, shot.concept)
+                 + template.assistant_prefix + answer(shot.answer))
+  parts.append(_fill(template.user, text, word, concept) + template.assistant_prefix)
+  return '\n\n'.join(parts)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+  return list(tokenizer(text, add_special_tokens=False)['input_ids'])
+
+
+def answer_ids(template: PromptTemplate, tokenizer) -> tuple[int, int]:
+  """Token ids of the yes and no answers; each must be a single token."""
+  ids = []
+  for name, s in (('yes', template.yes), ('no', template.no)):
+    toks = _encode(tokenizer, s)
+    if len(toks) != 1:
+      raise PromptError(f'The {name} answer {s!r} is {len(toks)} tokens for this tokenizer; it '
+                        'must be exactly one (try with or without a leading space).')
+    ids.append(toks[0])
+  if ids[0] == ids[1]:
+    raise PromptError('The yes and no answers are the same token.')
+  return ids[0], ids[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedPrompts:
+  prefix_ids: np.ndarray  # [N, P] int32, left-padded
+  prefix_mask: np.ndarray  # [N, P] bool
+  tail_ids: np.ndarray  # [T] int32: the tokens after the slot, shared by all examples
+  yes_id: int
+  no_id: int
+
+
+def encode_prompts(template: PromptTemplate, tokenizer, items: Sequence[tuple[str, str]],
+                   pad_to_multiple: int = 16) -> EncodedPrompts:
+  """Tokenizes (text, word) pairs into left-padded prefixes and the shared tail."""
+  if not items:
+    raise PromptError('No examples to encode.')
+  prefixes, tail = [], None
+  for text, word in items:
+    rendered = render(template, tokenizer, text, word, _SLOT)
+    if rendered.count(_SLOT) != 1:
+      raise PromptError('The chat template dropped or repeated the concept slot.')
+    before, after = rendered.split(_SLOT)
+    if before.endswith(' '):
+      before = before[:-1]
+    ids = _encode(tokenizer, after)
+    if tail is None:
+      tail = ids
+    elif ids != tail:
+      raise PromptError('The text after the concept slot differs between examples; the slot '
+                        'must be the last example-dependent part of the prompt.')
+    prefixes.append(_encode(tokenizer, before))
+  longest = max(len(p) for p in prefixes)
+  width = -(-longest // pad_to_multiple) * pad_to_multiple
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  prefix_ids = np.full((len(prefixes), width), pad, np.int32)
+  mask = np.zeros((len(prefixes), width), bool)
+  for i, p in enumerate(prefixes):
+    prefix_ids[i, width - len(p):] = p
+    mask[i, width - len(p):] = True
+  yes_id, no_id = answer_ids(template, tokenizer)
+  return EncodedPrompts(prefix_ids, mask, np.asarray(tail, np.int32), yes_id, no_id)
+
+
+def template_from_config(cfg) -> PromptTemplate:
+  """A PromptTemplate from the ``config.prompt`` ConfigDict."""
+  shots = tuple(FewShot(s['text'], s['word'], s['concept'], bool(s['answer']))
+                for s in (cfg.get('few_shot') or ()))
+  return PromptTemplate(user=cfg.user, yes=cfg.yes, no=cfg.no, system=cfg.get('system', ''),
+                        assistant_prefix=cfg.get('assistant_prefix', ''), few_shot=shots,
+                        chat=bool(cfg.get('chat', True)))
