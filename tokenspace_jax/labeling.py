@@ -22,8 +22,15 @@ from ml_collections import ConfigDict
 from tokenspace_jax import classifier, descent, evaluate, prompts, report
 from tokenspace_jax import label as label_lib
 from tokenspace_jax.checkpoint import Checkpointer, StopFlag
-from tokenspace_jax.features import (SYNTHETIC_FEATURES, BalancedSampler, Example, Feature,
-                                     FeatureError, load_records, load_synthetic_feature)
+from tokenspace_jax.features import (
+  SYNTHETIC_FEATURES,
+  BalancedSampler,
+  Example,
+  Feature,
+  FeatureError,
+  load_records,
+  load_synthetic_feature,
+)
 from tokenspace_jax.models import LoadedModel, load_model
 from tokenspace_jax.objective import LossWeights, Objective
 
@@ -233,7 +240,7 @@ def _descend(config, lm, prep, objective, optimizer, state, ckpt, trajectory, pr
             f'The loss became {m["loss"]} at step {t + 1}; stopped. The last good state (step '
             f'{t}) is kept in {ckpt.directory}. Lower optim.lr, or check the model '
             'weights and dtype (bfloat16 overflows more easily than float32).')
-      top = [[decode(int(i)), float(p)] for i, p in zip(m['top_ids'], m['top_p'])]
+      top = [[decode(int(i)), float(p)] for i, p in zip(m['top_ids'], m['top_p'], strict=True)]
       record = {k: float(m[k]) for k in ('loss', 'answer_ce', 'entropy', 'kl', 'w_entropy',
                                          'batch_accuracy', 'answer_bias')}
       record.update(step=t + 1, top=top,
@@ -319,11 +326,12 @@ def _finish(config, lm, prep, loop, records, workdir, wall_seconds) -> dict:
 
 def summary(result: dict) -> str:
   """A few lines for the terminal: the label, the evidence, and the verdict."""
-  lines = [f'Feature {result["feature"]!r}: label {result["label"]!r} (p={result["probability"]:.3f},'
-           f' {result["steps"]} steps, {result["wall_seconds"]:.0f} s)',
+  r = result
+  lines = [f'Feature {r["feature"]!r}: label {r["label"]!r} (p={r["probability"]:.3f}, '
+           f'{r["steps"]} steps, {r["wall_seconds"]:.0f} s)',
            '  held-out    token                 AUROC  bal.acc  acc']
-  for s in result['heldout']['scores']:
-    lines.append(f'  {s["role"]:<10}  {s["token"]!r:<20} {s["auroc"]:6.3f}  {s["balanced_accuracy"]:6.3f}'
-                 f'  {s["accuracy"]:5.3f}')
-  lines.append('  ' + result['verdict'])
+  for s in r['heldout']['scores']:
+    lines.append(f'  {s["role"]:<10}  {s["token"]!r:<20} {s["auroc"]:6.3f}  '
+                 f'{s["balanced_accuracy"]:6.3f}  {s["accuracy"]:5.3f}')
+  lines.append('  ' + r['verdict'])
   return '\n'.join(lines)

@@ -52,7 +52,7 @@ class Objective:
     log_p = self.log_p(label, allowed)  # [K, V]
     p = jnp.exp(log_p)
     # One embedding lookup per step, shared by the whole batch.
-    embedding = p @ params['embed'].astype(jnp.float32)
+    embedding = p @ params['embed'].astype(p.dtype)
     bias = label['answer_bias'] if self.learn_answer_bias else jnp.zeros(())
     lp = classifier.answer_log_probs(
         self.model, params, caches.take(idx), embedding.astype(self.model.dtype), tail_ids,

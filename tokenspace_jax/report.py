@@ -1,4 +1,4 @@
-"""What a run leaves in its workdir: trajectory.jsonl as it goes, result.json and a plot at the end."""
+"""What a run leaves in its workdir: trajectory.jsonl as it goes, result.json and a plot."""
 
 from __future__ import annotations
 

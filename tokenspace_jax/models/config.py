@@ -94,7 +94,8 @@ _BENIGN_IF = {
 }
 
 
-def _parse_rope(rope: dict[str, Any] | None, theta: float | None) -> tuple[float, RopeScaling | None]:
+def _parse_rope(rope: dict[str, Any] | None,
+                theta: float | None) -> tuple[float, RopeScaling | None]:
   rope = dict(rope or {})
   theta = float(rope.pop('rope_theta', theta if theta is not None else 10000.0))
   kind = rope.pop('rope_type', rope.pop('type', 'default'))

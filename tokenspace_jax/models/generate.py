@@ -63,8 +63,8 @@ def greedy_generate(model: Llama, params, tokenizer: Any | None,
   ``generate`` does), and decoding stops when every row has. With no eos at all every row gets
   exactly ``max_new_tokens`` tokens.
   """
-  prompts = [list(prompt_ids)] if prompt_ids and np.isscalar(prompt_ids[0]) else [
-      list(p) for p in prompt_ids]
+  single = len(prompt_ids) > 0 and np.ndim(prompt_ids[0]) == 0
+  prompts = [[int(t) for t in p] for p in ([prompt_ids] if single else prompt_ids)]
   if eos_id is None and tokenizer is not None:
     eos_id = tokenizer.eos_token_id
   if max_new_tokens <= 0:

@@ -25,6 +25,11 @@ Dtype = Any
 _MASKED = float(np.finfo(np.float32).min)
 
 
+def _accumulation_dtype(dtype) -> Dtype:
+  """float32 for bfloat16/float32 activations; float64 stays float64 (gradient checks)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 class RMSNorm(nn.Module):
   eps: float
   dtype: Dtype = jnp.float32
@@ -33,15 +38,16 @@ class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x):
     scale = self.param('scale', nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(_accumulation_dtype(self.dtype))
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return scale.astype(self.dtype) * normed.astype(self.dtype)
 
 
-def rope_angles(config: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """cos and sin, [batch, T, head_dim], in float32, for integer positions [batch, T]."""
-  inv_freq = jnp.asarray(rope_inverse_frequencies(config))
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+def rope_angles(config: LlamaConfig, positions: jax.Array,
+                dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+  """cos and sin, [batch, T, head_dim], for integer positions [batch, T]."""
+  inv_freq = jnp.asarray(rope_inverse_frequencies(config), dtype)
+  angles = positions.astype(dtype)[..., None] * inv_freq
   angles = jnp.concatenate([angles, angles], axis=-1)
   return jnp.cos(angles), jnp.sin(angles)
 
@@ -71,18 +77,19 @@ class Attention(nn.Module):
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     # Grouped-query attention without repeating K/V: queries are [b, t, kv_heads, group, d].
+    acc = _accumulation_dtype(self.dtype)
     group = c.num_heads // c.num_kv_heads
     q = q.reshape(b, t, c.num_kv_heads, group, c.head_dim) * (c.head_dim ** -0.5)
     causal = jnp.tril(jnp.ones((t, t), bool))
     new_mask = causal[None, None, None] & input_mask[:, None, None, None, :]
-    scores = [jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=jnp.float32)]
+    scores = [jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=acc)]
     masks = [new_mask]
     if cached_kv is not None:
       # Cached slots are all earlier than the new block; only padding is masked. The cache is
       # read in place (not concatenated), so a step that discards the new cache copies nothing.
       ck, cv = cached_kv
       scores.insert(0, jnp.einsum('btkgd,bskd->bkgts', q, ck.astype(q.dtype),
-                                  preferred_element_type=jnp.float32))
+                                  preferred_element_type=acc))
       masks.insert(0, jnp.broadcast_to(cache_valid[:, None, None, None, :],
                                        (b, 1, 1, t, cache_valid.shape[1])))
     scores = jnp.concatenate(scores, axis=-1)
@@ -168,8 +175,8 @@ class Llama(nn.Module):
       return_hidden: return the final-normed hidden states instead of logits.
 
     Returns:
-      (logits [batch, T, vocab or R] in float32, or hidden [batch, T, hidden]; the new cache or
-      None when no cache was given).
+      (logits [batch, T, vocab or R] in float32 (float64 for a float64 model), or hidden
+      [batch, T, hidden]; the new cache, or None when no cache was given).
     """
     if (tokens is None) == (embeddings is None):
       raise ValueError('Pass exactly one of tokens and embeddings.')
@@ -181,7 +188,7 @@ class Llama(nn.Module):
     if positions is None:
       start = cache.lengths[:, None] if cache is not None else 0
       positions = jnp.maximum(start + jnp.cumsum(input_mask, axis=1, dtype=jnp.int32) - 1, 0)
-    cos, sin = rope_angles(self.config, positions)
+    cos, sin = rope_angles(self.config, positions, _accumulation_dtype(self.dtype))
     cached_kv = (cache.k, cache.v) if cache is not None else None
     cache_valid = cache.valid if cache is not None else None
     x, (k, v) = self.layers(x, cached_kv, cos, sin, input_mask, cache_valid)
@@ -196,7 +203,8 @@ class Llama(nn.Module):
     w = self.embed.T if self.config.tie_word_embeddings else self.lm_head
     if readout_ids is not None:
       w = jnp.take(w, readout_ids, axis=1)
-    return jnp.einsum('...d,dv->...v', hidden, w.astype(self.dtype)).astype(jnp.float32)
+    logits = jnp.einsum('...d,dv->...v', hidden, w.astype(self.dtype))
+    return logits.astype(_accumulation_dtype(self.dtype))
 
   def embedding_table(self) -> jax.Array:
     return self.embed

@@ -1,0 +1,68 @@
+"""Fixtures shared by the model tests: the embedded default model and tiny random HF Llamas."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+# The package is used from the checkout, not installed; the pytest script does not put the
+# working directory on sys.path the way ``python -m pytest`` does.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tokenspace_jax.models import load_model  # noqa: E402
+
+# Small enough to compile in about a second, big enough that every axis (heads, kv heads, head
+# pairs, layers) is more than one long, so a wrong permutation cannot pass by symmetry.
+TINY_HF_CONFIG = dict(
+    vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+    rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+    # HF's default 0.02 gives logits so small that a wrong RoPE hides under any tolerance.
+    initializer_range=0.2)
+
+
+@pytest.fixture(scope='session')
+def default_model():
+  """The embedded default; a missing install fails (with the install command), never skips."""
+  return load_model('default')
+
+
+def build_hf_llama(folder: str | None = None, seed: int = 0, **overrides):
+  """A random float32 ``LlamaForCausalLM``, saved as safetensors to ``folder`` if given.
+
+  Norm weights are randomized too: HF initializes them to ones, which would hide a norm read from
+  the wrong tensor.
+  """
+  import torch
+  import transformers
+
+  torch.manual_seed(seed)
+  config = transformers.LlamaConfig(**{**TINY_HF_CONFIG, **overrides})
+  model = transformers.LlamaForCausalLM(config).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith('norm.weight'):
+        p.copy_(1 + 0.3 * torch.randn_like(p))
+  if folder is not None:
+    model.save_pretrained(folder, safe_serialization=True)
+  return model
+
+
+@pytest.fixture(scope='session')
+def tiny_hf(tmp_path_factory):
+  """(torch model, folder) of the default tiny GQA model; read-only, copy before editing."""
+  folder = str(tmp_path_factory.mktemp('tiny_hf'))
+  return build_hf_llama(folder), folder
+
+
+@pytest.fixture(scope='session')
+def tiny_loaded(tiny_hf):
+  return load_model(tiny_hf[1], with_tokenizer=False)
+
+
+@pytest.fixture(scope='session')
+def make_hf_llama():
+  """``build_hf_llama`` as a fixture, so test modules need not import conftest."""
+  return build_hf_llama

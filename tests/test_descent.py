@@ -1,0 +1,175 @@
+"""The descent objective and step on tiny random models: gradients, the cache, a planted label."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+from tokenspace_jax import classifier, descent
+from tokenspace_jax import label as label_lib
+from tokenspace_jax.evaluate import auroc
+from tokenspace_jax.models import Llama, LlamaConfig
+from tokenspace_jax.objective import LossWeights, Objective
+
+TINY = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                   num_kv_heads=2, head_dim=8, rope_theta=10000.0, tie_word_embeddings=False)
+YES, NO = 3, 4
+
+
+def _tiny(dtype=jnp.float32, seed=0, config=TINY):
+  model = Llama(config, dtype=dtype, param_dtype=dtype)
+  params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 2), jnp.int32))['params']
+  # Larger weights than the 0.02 init, so the label visibly changes the answer.
+  params = jax.tree.map(lambda x: x * 8 if x.ndim > 1 else x, params)
+  return model, params
+
+
+def _prefixes(n=12, width=10, seed=0):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(5, TINY.vocab_size, (n, width)).astype(np.int32)
+  mask = np.ones((n, width), bool)
+  for i in range(n):  # left padding of different lengths
+    mask[i, :rng.integers(0, 4)] = False
+  return ids, mask
+
+
+def _data(model, params, targets, schedule, tail=(7, 8, 9)):
+  ids, mask = _prefixes(len(targets))
+  caches = classifier.prefix_caches(model, params, ids, mask, chunk=4)
+  return descent.DescentData(
+      params=params, caches=caches, targets=jnp.asarray(targets, jnp.float32),
+      schedule=jnp.asarray(schedule, jnp.int32), tail_ids=jnp.asarray(tail, jnp.int32),
+      answer_ids=jnp.asarray([YES, NO], jnp.int32),
+      allowed=jnp.ones(TINY.vocab_size, bool).at[:5].set(False),
+      mean_log_prior=caches.log_prior.mean(0))
+
+
+@pytest.mark.parametrize('full_vocab', [True, False])
+def test_gradient_matches_finite_differences(full_vocab):
+  with jax.enable_x64(True):
+    model, params = _tiny(jnp.float64)
+    targets = np.array([1, 0] * 6, np.float64)
+    data = _data(model, params, targets, np.arange(12)[None])
+    objective = Objective(model, LossWeights(1.0, 0.3, 0, 0.2), full_vocab_answer=full_vocab)
+    rng = np.random.default_rng(1)
+    label = {'logits': jnp.asarray(rng.normal(size=(1, TINY.vocab_size))),
+             'answer_bias': jnp.asarray(0.3)}
+    idx = jnp.arange(12)
+
+    def loss(lab):
+      return objective(lab, params, data.caches, idx, data.targets, data.tail_ids,
+                       data.answer_ids, data.allowed, data.mean_log_prior, jnp.asarray(0))[0]
+
+    grad = jax.grad(loss)(label)
+    eps = 1e-6
+    for _ in range(3):
+      direction = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape)), label)
+      plus = jax.tree.map(lambda x, d: x + eps * d, label, direction)
+      minus = jax.tree.map(lambda x, d: x - eps * d, label, direction)
+      numeric = (loss(plus) - loss(minus)) / (2 * eps)
+      analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad),
+                                                    jax.tree.leaves(direction), strict=True))
+      np.testing.assert_allclose(analytic, numeric, rtol=1e-5, atol=1e-9)
+
+
+def test_cached_tail_equals_full_prompt():
+  """The answer from [cached prefix | label | tail] equals one uncached pass over all of it."""
+  model, params = _tiny()
+  ids, mask = _prefixes(6)
+  caches = classifier.prefix_caches(model, params, ids, mask, chunk=4)
+  rng = np.random.default_rng(0)
+  p = jax.nn.softmax(jnp.asarray(rng.normal(size=(1, TINY.vocab_size)) * 3))
+  emb = p @ params['embed']
+  tail = jnp.asarray([7, 8, 9], jnp.int32)
+  answers = jnp.asarray([YES, NO], jnp.int32)
+  for full_vocab in (True, False):
+    cached = classifier.answer_log_probs(model, params, caches.take(jnp.arange(6)), emb, tail,
+                                         answers, jnp.asarray(0.0), full_vocab)
+    x = jnp.concatenate([params['embed'][ids], jnp.broadcast_to(emb, (6, 1, 32)),
+                         jnp.broadcast_to(params['embed'][tail], (6, 3, 32))], axis=1)
+    full_mask = jnp.concatenate([mask, jnp.ones((6, 4), bool)], axis=1)
+    logits, _ = model.apply({'params': params}, embeddings=x, input_mask=full_mask)
+    last = logits[:, -1]
+    if not full_vocab:
+      last = last[:, answers]
+    expected = jax.nn.log_softmax(last, -1)
+    expected = expected[:, answers] if full_vocab else expected
+    np.testing.assert_allclose(cached, expected, atol=1e-5)
+  # The slot's prior is the uncached model's next-token distribution after the prefix.
+  logits, _ = model.apply({'params': params}, jnp.asarray(ids), input_mask=jnp.asarray(mask))
+  np.testing.assert_allclose(caches.log_prior, jax.nn.log_softmax(logits[:, -1]), atol=1e-5)
+
+
+def test_planted_label_is_found():
+  """A feature planted on one token: the token whose effect on the answer varies most across
+  examples (beyond what every label does) defines the targets, so it alone separates them (the
+  rig is checked below); descent from a uniform p must end on it.
+
+  A random tiny model is far more nonlinear in its input embedding than a trained LLM, and over
+  its whole vocabulary mixtures of tokens have spurious optima (descent then settles on tokens
+  with AUROC near 0.5); so the candidates are a dozen tokens, the plant among them.
+  """
+  model, params = _tiny(seed=1)
+  n = 48
+  ids, mask = _prefixes(n, seed=5)
+  caches = classifier.prefix_caches(model, params, ids, mask, chunk=16)
+  tail = jnp.asarray([7, 8, 9], jnp.int32)
+
+  @jax.jit
+  @jax.vmap
+  def margin(embedding):
+    lp = classifier.answer_log_probs(model, params, caches.take(jnp.arange(n)), embedding[None],
+                                     tail, jnp.asarray([YES, NO]), jnp.asarray(0.0), False)
+    return lp[:, 0] - lp[:, 1]
+
+  margins = np.asarray(margin(params['embed'][5:]))  # tokens 0-4 are disallowed below
+  specific = margins - margins.mean(axis=0)
+  plant = 5 + int(np.argmax(specific.std(axis=1)))
+  targets = (specific[plant - 5] > np.median(specific[plant - 5])).astype(np.float32)
+  aurocs = np.array([auroc(m, targets) for m in margins])
+  candidates = np.random.default_rng(0).choice(
+      [t for t in range(5, TINY.vocab_size) if t != plant], 11, replace=False).tolist() + [plant]
+  allowed = np.zeros(TINY.vocab_size, bool)
+  allowed[candidates] = True
+  candidate_aurocs = aurocs[np.asarray(candidates) - 5]
+  assert np.argmax(candidate_aurocs) == len(candidates) - 1
+  assert np.sort(candidate_aurocs)[-2] < candidate_aurocs.max() - 0.1
+
+  positives, negatives = np.flatnonzero(targets), np.flatnonzero(1 - targets)
+  rng = np.random.default_rng(0)
+  schedule = np.stack([np.concatenate([rng.choice(positives, 8, replace=False),
+                                       rng.choice(negatives, 8, replace=False)])
+                       for _ in range(150)])
+  data = descent.DescentData(
+      params=params, caches=caches, targets=jnp.asarray(targets),
+      schedule=jnp.asarray(schedule, jnp.int32), tail_ids=tail,
+      answer_ids=jnp.asarray([YES, NO], jnp.int32), allowed=jnp.asarray(allowed),
+      mean_log_prior=caches.log_prior.mean(0))
+  objective = Objective(model, LossWeights(1.0, 0.05, 50, 0.0), full_vocab_answer=False)
+  optimizer = descent.make_optimizer(ConfigDict(dict(name='adam', lr=0.2, b1=0.9, b2=0.999)))
+  label = label_lib.init_label(ConfigDict(dict(num_tokens=1, init='zeros', init_scale=1.0)),
+                               TINY.vocab_size, jax.random.PRNGKey(0))
+  state = descent.init_state(label, optimizer)
+  step = descent.make_step(objective, optimizer)
+  for _ in range(150):
+    state, metrics = step(state, data)
+  assert int(metrics['top_ids'][0]) == plant, (metrics['top_ids'], metrics['top_p'])
+  assert float(metrics['top_p'][0]) > 0.5
+  assert step._cache_size() == 1  # one compilation for all steps
+
+
+def test_non_finite_step_keeps_state():
+  model, params = _tiny()
+  targets = np.array([1, 0] * 6, np.float32)
+  data = _data(model, params, targets, np.arange(12)[None])
+  objective = Objective(model, LossWeights(1.0, 0.0, 0, 0.0), temperature=0.0)  # 0/0 -> NaN
+  optimizer = descent.make_optimizer(ConfigDict(dict(name='adam', lr=0.1, b1=0.9, b2=0.999)))
+  label = {'logits': jnp.ones((1, TINY.vocab_size)), 'answer_bias': jnp.zeros(())}
+  state = descent.init_state(label, optimizer)
+  state, metrics = descent.make_step(objective, optimizer)(state, data)
+  assert not bool(metrics['ok'])
+  assert int(state['step']) == 0
+  np.testing.assert_array_equal(state['label']['logits'], 1.0)
