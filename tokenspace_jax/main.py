@@ -35,6 +35,11 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError('--config is required, e.g. --config=configs/chinese.py')
+  try:
+    config.get('seed')  # a config file that failed to load raises on first access
+  except OSError as e:
+    print(f'error: {str(e).strip()}', file=sys.stderr)
+    return 2
   name = config.feature.name or os.path.splitext(os.path.basename(config.feature.records))[0]
   workdir = _WORKDIR.value or os.path.join('workdirs', name or 'run')
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
@@ -56,8 +61,24 @@ def main(argv):
   return 0
 
 
+def _parse_flags(argv):
+  """absl's parser, with bad ``--config.*`` overrides reported in one line, not a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    detail = str(e).strip('"\'').replace("\\'", "'").replace('\\n', ' ')
+    bad = [a for a in argv[1:] if a.startswith('--config')]
+    print(f'error: invalid config or override {bad}: {detail}\n'
+          'Overrides must name existing keys with values of their type, e.g. '
+          '--config.optim.lr=0.3 (see tokenspace_jax/config_defaults.py).', file=sys.stderr)
+    sys.exit(2)
+
+
 def run():
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)
 
 
 if __name__ == '__main__':

@@ -1,0 +1,168 @@
+"""The labeling run end to end, on a tiny random Llama that uses SmolLM2's real tokenizer.
+
+The tiny model makes the labels meaningless but the machinery real: prompts built with the chat
+template, caches, the jitted step, checkpoints, evaluation, the report, and the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tokenspace_jax import config_defaults, labeling
+from tokenspace_jax.checkpoint import Checkpointer
+from tokenspace_jax.features import FeatureError
+from tokenspace_jax.models import load_model
+from tokenspace_jax.models.default import default_gguf_path
+from tokenspace_jax.models.tokenizer import load_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def tiny_folder(tmp_path_factory, make_hf_llama):
+  """An HF folder: a 2-layer random Llama over SmolLM2's vocabulary, with its tokenizer."""
+  folder = str(tmp_path_factory.mktemp('tiny_smol'))
+  make_hf_llama(folder, vocab_size=49152, hidden_size=32, intermediate_size=64,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                max_position_embeddings=2048, tie_word_embeddings=True)
+  load_tokenizer(default_gguf_path()).save_pretrained(folder)
+  return folder
+
+
+@pytest.fixture(scope='module')
+def tiny_lm(tiny_folder):
+  return load_model(tiny_folder)
+
+
+def quick_config(feature='animal', **changes):
+  c = config_defaults.apply_arg(config_defaults.get_base_config(), 'quick')
+  c.feature.name = feature
+  c.steps = 12
+  c.checkpoint_every = 4
+  c.early_stop.prob = 0.0
+  c.progress = False
+  for key, value in changes.items():
+    node = c
+    *path, last = key.split('.')
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return c
+
+
+def test_run_writes_a_complete_result(tiny_lm, tmp_path):
+  result = labeling.run(quick_config(), str(tmp_path), lm=tiny_lm)
+  for key in ('label', 'token_id', 'probability', 'top10', 'steps', 'wall_seconds',
+              'steps_per_second', 'final_losses', 'heldout', 'config', 'identifiable',
+              'verdict', 'steps_to_p90'):
+    assert key in result
+  assert result['steps'] == 12 and len(result['top10']) == 10
+  roles = [s['role'] for s in result['heldout']['scores']]
+  assert roles[0] == 'found' and 'reference' in roles and roles.count('random') == 2
+  assert all(0 <= s['auroc'] <= 1 for s in result['heldout']['scores'])
+  with open(tmp_path / 'trajectory.jsonl') as f:
+    lines = [json.loads(x) for x in f]
+  assert [r['step'] for r in lines] == list(range(1, 13))
+  assert (tmp_path / 'trajectory.png').stat().st_size > 10_000
+  on_disk = json.loads((tmp_path / 'result.json').read_text())
+  assert on_disk['label'] == result['label']
+  # A finished workdir is reported, not recomputed.
+  again = labeling.run(quick_config(), str(tmp_path), lm=tiny_lm)
+  assert again['wall_seconds'] == result['wall_seconds']
+
+
+def test_workdir_with_another_config_is_refused(tiny_lm, tmp_path):
+  labeling.run(quick_config(steps=2), str(tmp_path), lm=tiny_lm)
+  with pytest.raises(labeling.ConfigMismatchError, match='optim'):
+    labeling.run(quick_config(**{'optim.lr': 0.5}), str(tmp_path), lm=tiny_lm)
+
+
+def test_unknown_feature_is_a_clear_error(tiny_lm, tmp_path):
+  with pytest.raises(FeatureError, match=r"Unknown feature 'unicorn'.*chinese, animal"):
+    labeling.run(quick_config('unicorn'), str(tmp_path), lm=tiny_lm)
+
+
+def test_records_without_positives_are_refused(tiny_lm, tmp_path):
+  path = tmp_path / 'flat.jsonl'
+  path.write_text(json.dumps({'tokens': ['The', ' cat', ' sat'], 'activations': [0.1, 0.2, 0.0]})
+                  + '\n')
+  config = quick_config('', **{'feature.records': str(path), 'feature.threshold': 0.5})
+  with pytest.raises(FeatureError, match='threshold'):
+    labeling.run(config, str(tmp_path / 'w'), lm=tiny_lm)
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint(tiny_lm, tmp_path):
+  config = quick_config(**{'label.temperature': 0.0})  # logits / 0: NaN at the first step
+  with pytest.raises(labeling.NonFiniteLossError, match='NaN|nan') as err:
+    labeling.run(config, str(tmp_path), lm=tiny_lm)
+  assert 'checkpoints' in str(err.value)
+  assert Checkpointer(str(tmp_path / 'checkpoints'), 1).latest_step() == 0
+  assert not (tmp_path / 'result.json').exists()
+
+
+def _main(workdir, source, *extra):
+  cmd = [sys.executable, '-m', 'tokenspace_jax.main', '--config=configs/animal.py:quick',
+         f'--workdir={workdir}', f'--config.model.source={source}', '--config.steps=16',
+         '--config.checkpoint_every=4', '--config.early_stop.prob=0', '--config.progress=False',
+         *extra]
+  return cmd
+
+
+def _final_label(workdir):
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), 1)
+  step = ckpt._manager.latest_step()
+  restored = ckpt._manager.restore(step)
+  return step, np.asarray(restored['label']['logits'])
+
+
+def test_sigterm_then_resume_equals_uninterrupted_run(tiny_folder, tmp_path):
+  env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
+  straight = tmp_path / 'straight'
+  subprocess.run(_main(straight, tiny_folder), cwd=ROOT, env=env, check=True,
+                 capture_output=True, timeout=600)
+
+  killed = tmp_path / 'killed'
+  proc = subprocess.Popen(_main(killed, tiny_folder), cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  trajectory = killed / 'trajectory.jsonl'
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if trajectory.exists() and len(trajectory.read_text().splitlines()) >= 6:
+      proc.send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.05)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 143, err.decode()[-2000:]
+  assert b'Rerun the same command to resume' in err
+  assert not (killed / 'result.json').exists()
+  stopped_at = len(trajectory.read_text().splitlines())
+  assert 6 <= stopped_at < 16
+
+  resumed = subprocess.run(_main(killed, tiny_folder), cwd=ROOT, env=env, capture_output=True,
+                           timeout=600)
+  assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+  assert b'Resumed from the checkpoint' in resumed.stderr
+  step_a, label_a = _final_label(straight)
+  step_b, label_b = _final_label(killed)
+  assert step_a == step_b == 16
+  np.testing.assert_array_equal(label_a, label_b)
+  lines = lambda d: [json.loads(x) for x in (d / 'trajectory.jsonl').read_text().splitlines()]
+  a, b = lines(straight), lines(killed)
+  assert [r['step'] for r in b] == list(range(1, 17))
+  np.testing.assert_allclose([r['loss'] for r in a], [r['loss'] for r in b], rtol=0, atol=0)
+
+
+def test_unknown_config_key_is_a_clear_error(tiny_folder, tmp_path):
+  proc = subprocess.run(_main(tmp_path, tiny_folder, '--config.optim.lrr=0.3'), cwd=ROOT,
+                        capture_output=True, timeout=300)
+  assert proc.returncode != 0
+  err = proc.stderr.decode()
+  assert 'lrr' in err and 'Traceback' not in err
