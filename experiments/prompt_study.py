@@ -18,11 +18,14 @@ the short fixed tail are run per label. One forward gives every answer-token pai
 (e.g. ``1``/``0`` after ``Rating:`` and after ``Rating: ``), since they are read at different
 positions of the same tail.
 
-Run (CPU, 2 cores: about 10 minutes, of which ~1 minute compiling):
+Run (CPU only; on 2 shared cores all 12 templates took 17 minutes, the 7 templates of the main
+table in docs/prompt_study.md 8 minutes):
 
   python experiments/prompt_study.py [--out DIR] [--templates NAME,NAME]
 
-Writes ``DIR/prompt_study.json`` (default DIR: /tmp/prompt_study) and prints the tables.
+Writes ``DIR/prompt_study.json`` (default DIR: /tmp/prompt_study: per-label metrics including
+the raw d values, and the per-(template, answer, feature) summary) and prints the tables.
+Results are in docs/prompt_study.md.
 """
 
 from __future__ import annotations
@@ -400,27 +403,36 @@ def bce(z: np.ndarray, y: np.ndarray) -> float:
   return float(np.mean(np.logaddexp(0, -z) * y + np.logaddexp(0, z) * ~y))
 
 
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+  return 0.5 * (1 + np.tanh(0.5 * z))
+
+
 def calibrated(d: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-  """(loss, b): cross-entropy of sigmoid(d + b) at the best scalar bias b (Newton)."""
-  b = 0.0
-  for _ in range(100):
-    p = 1 / (1 + np.exp(-(d + b)))
-    g, h = np.mean(p - y), np.mean(p * (1 - p)) + 1e-9
-    step = np.clip(g / h, -5, 5)
-    b -= step
-    if abs(step) < 1e-8:
-      break
-  return bce(d + b, y), float(b)
+  """(loss, b): cross-entropy of sigmoid(d + b) at the best scalar bias b.
+
+  The loss is convex in b and its derivative mean(sigmoid(d + b)) - mean(y) is increasing, so b
+  is found by bisection (Newton steps oscillate when every |d + b| is large).
+  """
+  lo, hi = -float(d.max()) - 50, -float(d.min()) + 50
+  for _ in range(200):
+    b = 0.5 * (lo + hi)
+    if np.mean(_sigmoid(d + b)) > y.mean():
+      hi = b
+    else:
+      lo = b
+  b = 0.5 * (lo + hi)
+  return bce(d + b, y), b
 
 
 def label_metrics(logp_yes: np.ndarray, logp_no: np.ndarray, y: np.ndarray) -> dict:
   d = logp_yes - logp_no
   loss_cal, b = calibrated(d, y)
   return {'auroc': auroc(d, y), 'best_acc': best_accuracy(d, y),
-          'mean_p_yes': float(np.mean(1 / (1 + np.exp(-d)))),
+          'mean_p_yes': float(np.mean(_sigmoid(d))),
           'answer_mass': float(np.mean(np.exp(logp_yes) + np.exp(logp_no))),
           'loss_raw': bce(d, y), 'loss_cal': loss_cal, 'bias_cal': b,
-          'mean_d_pos': float(d[y].mean()), 'mean_d_neg': float(d[~y].mean())}
+          'mean_d_pos': float(d[y].mean()), 'mean_d_neg': float(d[~y].mean()),
+          'd': [round(float(x), 4) for x in d]}
 
 
 # --------------------------------------------------------------------------------------------

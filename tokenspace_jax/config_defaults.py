@@ -17,6 +17,32 @@ RATING_PROMPT = dict(
 )
 
 
+# Worked examples of concepts other than the built-in features, so no answer is leaked.
+_SHOTS = (('She painted the door red.', 'red', 'color', True),
+          ('We took the bus to school.', 'bus', 'food', False),
+          ('The apple was sweet and crisp.', 'apple', 'color', False),
+          ('He baked fresh bread this morning.', 'bread', 'food', True),
+          ('A truck blocked the narrow street.', 'truck', 'vehicle', True),
+          ('The children were happy all day.', 'happy', 'vehicle', False),
+          ('Her anger faded slowly.', 'anger', 'emotion', True),
+          ('The sky was blue and clear.', 'blue', 'emotion', False))
+
+# The few-shot completion prompt that docs/prompt_study.md found to make SmolLM2-135M's answer
+# depend on the concept for the most features: plain text (no chat template), the word in its
+# text, answers " Yes"/" No" after "Match:". The label after "Concept:" carries its leading space.
+FEWSHOT_PROMPT = dict(
+    system='Decide whether the word, as used in the text, is an instance of the concept.',
+    user='Text: {text}\nWord: {word}\nConcept: {concept}',
+    assistant_prefix='\nMatch:',
+    yes=' Yes',
+    no=' No',
+    chat=False,
+    few_shot=tuple(dict(text=t, word=w, concept=c, answer=a) for t, w, c, a in _SHOTS),
+)
+
+PROMPTS = {'fewshot': FEWSHOT_PROMPT, 'rating': RATING_PROMPT}
+
+
 def get_base_config() -> ConfigDict:
   c = ConfigDict()
   c.seed = 0
@@ -40,7 +66,7 @@ def get_base_config() -> ConfigDict:
   c.feature.max_train = 192
   c.feature.max_heldout = 128
 
-  c.prompt = ConfigDict(RATING_PROMPT)
+  c.prompt = ConfigDict(FEWSHOT_PROMPT)
 
   c.label = ConfigDict()
   c.label.num_tokens = 1
@@ -54,9 +80,9 @@ def get_base_config() -> ConfigDict:
   c.loss = ConfigDict()
   c.loss.answer = 'full'  # full: CE over the whole vocabulary (paper) | binary: yes vs no only
   c.loss.w_label = 1.0
-  c.loss.w_entropy = 0.02
-  c.loss.entropy_warmup_steps = 60
-  c.loss.w_kl = 0.0
+  c.loss.w_entropy = 0.1
+  c.loss.entropy_warmup_steps = 100
+  c.loss.w_kl = 0.02
 
   c.optim = ConfigDict()
   c.optim.name = 'adam'
@@ -87,16 +113,24 @@ def get_base_config() -> ConfigDict:
 
 
 def apply_arg(c: ConfigDict, arg: str | None) -> ConfigDict:
-  """``:quick`` shortens the run for smoke tests and first looks."""
-  if arg in (None, ''):
-    return c
-  if arg == 'quick':
-    c.steps = 20
-    c.feature.max_train = 48
-    c.feature.max_heldout = 32
-    c.eval.num_random = 2
-    c.eval.calibration_examples = 16
-    c.data.batch_size = 8
-    c.checkpoint_every = 10
-    return c
-  raise ValueError(f'Unknown config argument {arg!r}; known: quick.')
+  """Comma-separated config arguments, e.g. ``configs/animal.py:quick,rating``.
+
+  ``quick`` shortens the run for smoke tests and first looks; ``fewshot`` and ``rating`` pick
+  the prompt template.
+  """
+  for a in (arg or '').split(','):
+    if a == '':
+      continue
+    if a == 'quick':
+      c.steps = 20
+      c.feature.max_train = 48
+      c.feature.max_heldout = 32
+      c.eval.num_random = 2
+      c.eval.calibration_examples = 16
+      c.data.batch_size = 8
+      c.checkpoint_every = 10
+    elif a in PROMPTS:
+      c.prompt = ConfigDict(PROMPTS[a])
+    else:
+      raise ValueError(f'Unknown config argument {a!r}; known: quick, {", ".join(PROMPTS)}.')
+  return c

@@ -124,23 +124,21 @@ def verdict(scores: list[LabelScore], margin: float = IDENTIFIABILITY_MARGIN) ->
   random_mean = float(random_aucs.mean()) if len(random_aucs) else float('nan')
   random_max = float(random_aucs.max()) if len(random_aucs) else float('nan')
   best_named = max([s.auroc for s in found + reference], default=float('nan'))
-  separates = bool(best_named >= 0.5 + margin)
-  identifiable = separates and bool(best_named - random_mean >= margin)
+  dependence = best_named - random_mean
+  identifiable = bool(dependence >= margin)
   out = {'identifiable': identifiable, 'random_auroc_mean': random_mean,
-         'random_auroc_max': random_max, 'best_named_auroc': best_named, 'margin': margin}
+         'random_auroc_max': random_max, 'best_named_auroc': best_named,
+         'label_dependence': dependence, 'margin': margin}
   ref = reference[0] if reference else None
   f = found[0] if found else None
-  if not separates:
-    out['message'] = (
-        f'NOT IDENTIFIABLE: no label tried separates positives from negatives (best AUROC '
-        f'{best_named:.3f}, chance 0.5): this model with this prompt cannot classify the feature, '
-        'so the found token means nothing. Try another prompt template or a larger model.')
-  elif not identifiable:
+  weak = (f' The classifier is weak here (best AUROC {best_named:.3f}; chance is 0.5).'
+          if best_named < 0.6 else '')
+  if not identifiable:
     out['message'] = (
         'NOT IDENTIFIABLE: the classifier separates positives from negatives about equally well '
         f'whatever the label (random tokens: mean AUROC {random_mean:.3f}, best named label '
         f'{best_named:.3f}). No label can be learned from this model on this feature with this '
-        'prompt; the found token is not evidence of what the feature means.')
+        'prompt; the found token is not evidence of what the feature means.' + weak)
   elif f is not None and ref is not None:
     beats = f.auroc >= ref.auroc - 0.01
     out['found_matches_reference'] = bool(beats)
@@ -150,7 +148,7 @@ def verdict(scores: list[LabelScore], margin: float = IDENTIFIABILITY_MARGIN) ->
         f'{f.balanced_accuracy:.3f}; reference {ref.token!r}: AUROC {ref.auroc:.3f}, balanced '
         f'accuracy {ref.balanced_accuracy:.3f}. The found label '
         + ('scores at least as well as the human reference.' if beats
-           else 'scores below the human reference.'))
+           else 'scores below the human reference.') + weak)
   else:
     out['message'] = f'The label matters (best AUROC {best_named:.3f} vs random {random_mean:.3f}).'
   return out

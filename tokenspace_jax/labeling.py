@@ -286,7 +286,11 @@ def _finish(config, lm, prep, loop, records, workdir, wall_seconds) -> dict:
   labels = [(found_id, found_token, 'found')]
   ref_word = prep.feature.reference_word
   if ref_word:
-    for variant in (' ' + ref_word.strip(), ref_word.strip()):
+    # The spelling the slot expects first: with a leading space after "Concept:", bare after a
+    # quote.
+    spaced = not prep.template.user.split('{concept}')[0].endswith(('"', "'"))
+    variants = [' ' + ref_word.strip(), ref_word.strip()]
+    for variant in (variants if spaced else variants[::-1]):
       try:
         labels.append((label_lib.token_id_for_word(tok, variant), variant, 'reference'))
         break
