@@ -58,8 +58,9 @@ def quick_config(feature='animal', **changes):
   return c
 
 
-def test_run_writes_a_complete_result(tiny_lm, tmp_path):
-  result = labeling.run(quick_config(), str(tmp_path), lm=tiny_lm)
+def test_run_writes_a_complete_result(tiny_lm, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path.parent)
+  result = labeling.run(quick_config(), tmp_path.name, lm=tiny_lm)  # a relative workdir
   for key in ('label', 'token_id', 'probability', 'top10', 'steps', 'wall_seconds',
               'steps_per_second', 'final_losses', 'heldout', 'config', 'identifiable',
               'verdict', 'steps_to_p90'):
@@ -88,6 +89,14 @@ def test_workdir_with_another_config_is_refused(tiny_lm, tmp_path):
 def test_unknown_feature_is_a_clear_error(tiny_lm, tmp_path):
   with pytest.raises(FeatureError, match=r"Unknown feature 'unicorn'.*chinese, animal"):
     labeling.run(quick_config('unicorn'), str(tmp_path), lm=tiny_lm)
+
+
+@pytest.mark.parametrize('key, value, match', [
+    ('loss.answer', 'fuzzy', 'loss.answer'), ('steps', 0, 'steps'),
+    ('data.positive_fraction', 1.0, 'positive_fraction'), ('label.num_tokens', 2, 'num_tokens')])
+def test_bad_config_values_are_clear_errors(tmp_path, key, value, match):
+  with pytest.raises(labeling.ConfigValueError, match=match):
+    labeling.run(quick_config(**{key: value}), str(tmp_path))  # fails before loading a model
 
 
 def test_records_without_positives_are_refused(tiny_lm, tmp_path):

@@ -8,6 +8,7 @@ resumes exactly where it stopped.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 
@@ -17,10 +18,10 @@ import orbax.checkpoint as ocp
 
 class Checkpointer:
   def __init__(self, directory: str, every: int, keep: int = 2):
-    self.directory = directory
+    self.directory = os.path.abspath(directory)  # orbax refuses relative paths
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=max(1, every),
                                            create=True)
-    self._manager = ocp.CheckpointManager(directory, options=options)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()

@@ -52,6 +52,48 @@ class ConfigMismatchError(ValueError):
   pass
 
 
+class ConfigValueError(ValueError):
+  """A config value outside what the run supports; the message names the key and the choices."""
+
+
+_CHOICES = {
+    'loss.answer': ('full', 'binary'),
+    'optim.name': ('adam', 'adamw'),
+    'optim.schedule': ('constant', 'cosine'),
+    'data.sampling': ('balanced', 'natural'),
+    'label.init': ('zeros', 'normal', 'prior', 'word'),
+    'feature.negatives': ('hard', 'natural', 'easy'),
+    'model.dtype': ('float32', 'bfloat16'),
+}
+
+
+def validate_config(config: ConfigDict):
+  """Checks the values a run would otherwise reject deep inside; before any model is loaded."""
+  for key, choices in _CHOICES.items():
+    section, name = key.split('.')
+    value = config[section][name]
+    if value not in choices:
+      raise ConfigValueError(f'{key}={value!r} is not one of {", ".join(choices)}.')
+  if config.model.param_dtype not in ('', 'float32', 'bfloat16'):
+    raise ConfigValueError(f'model.param_dtype={config.model.param_dtype!r} is not one of '
+                           '"", float32, bfloat16.')
+  if config.label.num_tokens != 1:
+    raise ConfigValueError('label.num_tokens > 1 (multi-token labels) is not implemented yet; '
+                           'use 1.')
+  positive = {'steps': config.steps, 'data.batch_size': config.data.batch_size,
+              'checkpoint_every': config.checkpoint_every, 'optim.lr': config.optim.lr,
+              'eval.batch_size': config.eval.batch_size}
+  for key, value in positive.items():
+    if not value > 0:
+      raise ConfigValueError(f'{key}={value} must be positive.')
+  if not 0 < config.data.positive_fraction < 1:
+    raise ConfigValueError(f'data.positive_fraction={config.data.positive_fraction} must be '
+                           'strictly between 0 and 1.')
+  if not config.feature.name and not config.feature.records:
+    raise ConfigValueError('Set feature.name (a built-in feature) or feature.records (an '
+                           'activation-records .jsonl file).')
+
+
 @dataclasses.dataclass
 class Prepared:
   """Everything computed once before descent."""
@@ -135,8 +177,6 @@ def prepare(config: ConfigDict, lm: LoadedModel) -> Prepared:
 
 
 def make_objective(config: ConfigDict, lm: LoadedModel) -> Objective:
-  if config.loss.answer not in ('full', 'binary'):
-    raise ValueError(f'loss.answer={config.loss.answer!r} is not one of full, binary.')
   weights = LossWeights(label=config.loss.w_label, entropy=config.loss.w_entropy,
                         entropy_warmup_steps=config.loss.entropy_warmup_steps, kl=config.loss.w_kl)
   return Objective(lm.model, weights, temperature=config.label.temperature,
@@ -169,8 +209,12 @@ def _check_workdir_config(workdir: str, config: ConfigDict):
 
 
 def run(config: ConfigDict, workdir: str, lm: LoadedModel | None = None,
-        progress: bool = True) -> dict:
-  """Labels the feature of ``config``; returns (and writes) the result."""
+        progress: bool | None = None) -> dict:
+  """Labels the feature of ``config``; returns (and writes) the result.
+
+  ``progress`` shows a progress bar (default: ``config.progress``).
+  """
+  validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   result_path = os.path.join(workdir, 'result.json')
   _check_workdir_config(workdir, config)
@@ -178,8 +222,6 @@ def run(config: ConfigDict, workdir: str, lm: LoadedModel | None = None,
     with open(result_path) as f:
       log.info('%s already holds a finished run; not recomputing.', result_path)
       return json.load(f)
-  if config.label.num_tokens != 1:
-    raise ValueError('label.num_tokens > 1 (multi-token labels) is not implemented yet; use 1.')
   wall_start = time.perf_counter()
   if lm is None:
     dtype = jnp.dtype(config.model.dtype)
@@ -200,7 +242,8 @@ def run(config: ConfigDict, workdir: str, lm: LoadedModel | None = None,
   start_step = int(state['step'])
   trajectory = report.Trajectory(os.path.join(workdir, 'trajectory.jsonl'), start_step)
   try:
-    loop = _descend(config, lm, prep, objective, optimizer, state, ckpt, trajectory, progress)
+    show = config.progress if progress is None else progress
+    loop = _descend(config, lm, prep, objective, optimizer, state, ckpt, trajectory, show)
   finally:
     trajectory.close()
     ckpt.close()
@@ -226,9 +269,9 @@ def _descend(config, lm, prep, objective, optimizer, state, ckpt, trajectory, pr
     above += 1
   t0, compile_seconds = time.perf_counter(), None
   start = int(state['step'])
-  bar = tqdm(total=config.steps, initial=start, disable=not progress, dynamic_ncols=True)
   stopped_early = False
-  with StopFlag().installed() as stop:
+  with StopFlag().installed() as stop, tqdm(total=config.steps, initial=start,
+                                            disable=not progress, dynamic_ncols=True) as bar:
     for t in range(start, config.steps):
       state, metrics = step_fn(state, prep.data)
       m = jax.device_get(metrics)
@@ -255,11 +298,9 @@ def _descend(config, lm, prep, objective, optimizer, state, ckpt, trajectory, pr
         break
       if stop:
         ckpt.save(t + 1, state, force=True)
-        bar.close()
         raise RunInterrupted(
             f'{stop.signal_name} received: stopped after step {t + 1} with a checkpoint. Rerun '
             'the same command to resume.')
-  bar.close()
   final_step = int(state['step'])
   ckpt.save(final_step, state, force=True)
   descent_seconds = time.perf_counter() - t0

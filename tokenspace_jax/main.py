@@ -26,7 +26,8 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory (default: work
 
 # Errors whose message already says what is wrong and how to fix it: shown without a traceback.
 USER_ERRORS = (FeatureError, LabelError, ModelLoadError, UnsupportedConfigError, PromptError,
-               DefaultModelMissingError, labeling.ConfigMismatchError, labeling.NonFiniteLossError)
+               DefaultModelMissingError, labeling.ConfigMismatchError, labeling.ConfigValueError,
+               labeling.NonFiniteLossError)
 
 
 def main(argv):
@@ -49,7 +50,7 @@ def main(argv):
                if hasattr(flags.FLAGS['config'], 'config_filename') else '', overrides, workdir,
                config)
   try:
-    result = labeling.run(config, workdir, progress=config.progress)
+    result = labeling.run(config, workdir)
   except USER_ERRORS as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
