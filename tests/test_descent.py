@@ -27,18 +27,22 @@ def _tiny(dtype=jnp.float32, seed=0, config=TINY):
   return model, params
 
 
+SHARED = np.array([11, 12, 13, 14], np.int32)  # instructions every prompt starts with
+
+
 def _prefixes(n=12, width=10, seed=0):
+  """Per-example prefix tokens after SHARED, left-padded to different lengths."""
   rng = np.random.default_rng(seed)
   ids = rng.integers(5, TINY.vocab_size, (n, width)).astype(np.int32)
   mask = np.ones((n, width), bool)
-  for i in range(n):  # left padding of different lengths
+  for i in range(n):
     mask[i, :rng.integers(0, 4)] = False
   return ids, mask
 
 
 def _data(model, params, targets, schedule, tail=(7, 8, 9)):
   ids, mask = _prefixes(len(targets))
-  caches = classifier.prefix_caches(model, params, ids, mask, chunk=4)
+  caches = classifier.prefix_caches(model, params, SHARED, ids, mask, chunk=4)
   return descent.DescentData(
       params=params, caches=caches, targets=jnp.asarray(targets, jnp.float32),
       schedule=jnp.asarray(schedule, jnp.int32), tail_ids=jnp.asarray(tail, jnp.int32),
@@ -79,7 +83,7 @@ def test_cached_tail_equals_full_prompt():
   """The answer from [cached prefix | label | tail] equals one uncached pass over all of it."""
   model, params = _tiny()
   ids, mask = _prefixes(6)
-  caches = classifier.prefix_caches(model, params, ids, mask, chunk=4)
+  caches = classifier.prefix_caches(model, params, SHARED, ids, mask, chunk=4)
   rng = np.random.default_rng(0)
   p = jax.nn.softmax(jnp.asarray(rng.normal(size=(1, TINY.vocab_size)) * 3))
   emb = p @ params['embed']
@@ -88,9 +92,10 @@ def test_cached_tail_equals_full_prompt():
   for full_vocab in (True, False):
     cached = classifier.answer_log_probs(model, params, caches.take(jnp.arange(6)), emb, tail,
                                          answers, jnp.asarray(0.0), full_vocab)
-    x = jnp.concatenate([params['embed'][ids], jnp.broadcast_to(emb, (6, 1, 32)),
+    x = jnp.concatenate([jnp.broadcast_to(params['embed'][SHARED], (6, 4, 32)),
+                         params['embed'][ids], jnp.broadcast_to(emb, (6, 1, 32)),
                          jnp.broadcast_to(params['embed'][tail], (6, 3, 32))], axis=1)
-    full_mask = jnp.concatenate([mask, jnp.ones((6, 4), bool)], axis=1)
+    full_mask = jnp.concatenate([jnp.ones((6, 4), bool), mask, jnp.ones((6, 4), bool)], axis=1)
     logits, _ = model.apply({'params': params}, embeddings=x, input_mask=full_mask)
     last = logits[:, -1]
     if not full_vocab:
@@ -99,7 +104,9 @@ def test_cached_tail_equals_full_prompt():
     expected = expected[:, answers] if full_vocab else expected
     np.testing.assert_allclose(cached, expected, atol=1e-5)
   # The slot's prior is the uncached model's next-token distribution after the prefix.
-  logits, _ = model.apply({'params': params}, jnp.asarray(ids), input_mask=jnp.asarray(mask))
+  full_ids = jnp.concatenate([jnp.broadcast_to(SHARED, (6, 4)), ids], axis=1)
+  full_mask = jnp.concatenate([jnp.ones((6, 4), bool), mask], axis=1)
+  logits, _ = model.apply({'params': params}, full_ids, input_mask=full_mask)
   np.testing.assert_allclose(caches.log_prior, jax.nn.log_softmax(logits[:, -1]), atol=1e-5)
 
 
@@ -115,7 +122,7 @@ def test_planted_label_is_found():
   model, params = _tiny(seed=1)
   n = 48
   ids, mask = _prefixes(n, seed=5)
-  caches = classifier.prefix_caches(model, params, ids, mask, chunk=16)
+  caches = classifier.prefix_caches(model, params, np.zeros(0, np.int32), ids, mask, chunk=16)
   tail = jnp.asarray([7, 8, 9], jnp.int32)
 
   @jax.jit

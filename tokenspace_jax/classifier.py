@@ -34,33 +34,52 @@ class PrefixCaches(flax.struct.PyTreeNode):
                    end=jnp.asarray(self.valid.shape[1], jnp.int32))
 
 
-def prefix_caches(model: Llama, params, prefix_ids: np.ndarray, prefix_mask: np.ndarray,
-                  chunk: int = 16, cache_dtype=None) -> PrefixCaches:
-  """Caches and priors for all examples, computed in jitted chunks of a fixed size."""
+def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.ndarray,
+                  prefix_mask: np.ndarray, chunk: int = 16, cache_dtype=None) -> PrefixCaches:
+  """Caches and priors for all examples, computed in jitted chunks of a fixed size.
+
+  The part every prompt shares (``shared_ids``: instructions, few-shot examples) is run once
+  and copied into each chunk's cache; only each example's own tokens are computed per example.
+  Slots of the result: [shared | left-padded own tokens].
+  """
   n, width = prefix_ids.shape
+  n_shared = len(shared_ids)
   cache_dtype = cache_dtype or model.dtype
+  capacity = n_shared + width
 
   @jax.jit
-  def run(params, ids, mask):
-    cache = KVCache.empty(model.config, ids.shape[0], width, cache_dtype)
+  def run_shared(params, ids):
+    cache = KVCache.empty(model.config, 1, capacity, cache_dtype)
+    _, cache = model.apply({'params': params}, ids[None], cache=cache, return_hidden=True)
+    return cache
+
+  @jax.jit
+  def run(params, shared: KVCache, ids, mask):
+    batch = ids.shape[0]
+    grow = lambda x: jnp.broadcast_to(x, (x.shape[0], batch, *x.shape[2:]))
+    cache = KVCache(k=grow(shared.k), v=grow(shared.v),
+                    valid=jnp.broadcast_to(shared.valid, (batch, capacity)), end=shared.end)
     hidden, cache = model.apply({'params': params}, ids, input_mask=mask, cache=cache,
                                 return_hidden=True)
     logits = model.apply({'params': params}, hidden[:, -1], method=Llama.logits)
-    return cache.k, cache.v, jax.nn.log_softmax(logits, axis=-1)
+    return cache.k, cache.v, cache.valid, jax.nn.log_softmax(logits, axis=-1)
 
-  ks, vs, priors = [], [], []
+  shared = (run_shared(params, jnp.asarray(shared_ids)) if n_shared
+            else KVCache.empty(model.config, 1, capacity, cache_dtype))
+  ks, vs, valids, priors = [], [], [], []
   for start in range(0, n, chunk):
     ids, mask = prefix_ids[start:start + chunk], prefix_mask[start:start + chunk]
     real = ids.shape[0]
     if real < chunk:  # pad the last chunk so every call has one shape
       ids = np.concatenate([ids, np.repeat(ids[-1:], chunk - real, 0)])
       mask = np.concatenate([mask, np.repeat(mask[-1:], chunk - real, 0)])
-    k, v, prior = run(params, ids, mask)
+    k, v, valid, prior = run(params, shared, ids, mask)
     ks.append(k[:, :real])
     vs.append(v[:, :real])
+    valids.append(valid[:real])
     priors.append(prior[:real])
   return PrefixCaches(k=jnp.concatenate(ks, 1), v=jnp.concatenate(vs, 1),
-                      valid=jnp.asarray(prefix_mask), log_prior=jnp.concatenate(priors, 0))
+                      valid=jnp.concatenate(valids, 0), log_prior=jnp.concatenate(priors, 0))
 
 
 def answer_log_probs(model: Llama, params, cache: KVCache, label_embeddings: jax.Array,

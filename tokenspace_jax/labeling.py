@@ -154,8 +154,8 @@ def prepare(config: ConfigDict, lm: LoadedModel) -> Prepared:
   examples = train + heldout
   template = prompts.template_from_config(config.prompt)
   enc = prompts.encode_prompts(template, lm.tokenizer, [(e.text, e.word) for e in examples])
-  caches = classifier.prefix_caches(lm.model, lm.params, enc.prefix_ids, enc.prefix_mask,
-                                    chunk=config.eval.batch_size)
+  caches = classifier.prefix_caches(lm.model, lm.params, enc.shared_ids, enc.prefix_ids,
+                                    enc.prefix_mask, chunk=config.eval.batch_size)
   allowed = (label_lib.allowed_tokens(lm.tokenizer, lm.config.vocab_size)
              if config.label.mask_special else np.ones(lm.config.vocab_size, bool))
   index = {e: i for i, e in reversed(list(enumerate(train)))}
@@ -171,6 +171,7 @@ def prepare(config: ConfigDict, lm: LoadedModel) -> Prepared:
       answer_ids=jnp.asarray([enc.yes_id, enc.no_id], jnp.int32),
       allowed=jnp.asarray(allowed),
       mean_log_prior=caches.log_prior[:len(train)].mean(axis=0))
+  jax.block_until_ready(data)  # so the time reported is the work done, not its dispatch
   return Prepared(feature=feature, examples=examples, n_train=len(train), template=template,
                   data=data, allowed=allowed, answer_ids=(enc.yes_id, enc.no_id),
                   seconds=time.perf_counter() - start)
@@ -247,8 +248,12 @@ def run(config: ConfigDict, workdir: str, lm: LoadedModel | None = None,
   finally:
     trajectory.close()
     ckpt.close()
+  log.info('Descent: %d steps in %.1f s (first step, with compilation, %.1f s).',
+           loop['steps_run'], loop['descent_seconds'], loop['compile_seconds'] or 0.0)
+  eval_start = time.perf_counter()
   result = _finish(config, lm, prep, loop, trajectory.records, workdir,
                    time.perf_counter() - wall_start)
+  log.info('Evaluation and report in %.1f s.', time.perf_counter() - eval_start)
   report.write_json(result_path, result)
   return result
 

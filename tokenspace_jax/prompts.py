@@ -99,6 +99,14 @@ def answer_ids(template: PromptTemplate, tokenizer) -> tuple[int, int]:
 
 @dataclasses.dataclass(frozen=True)
 class EncodedPrompts:
+  """Token ids of every example's prompt, in the three parts that are computed differently.
+
+  ``shared_ids`` is the longest token prefix common to all examples (system message, few-shot
+  turns): its cache is computed once for the whole set. ``prefix_ids`` holds each example's
+  remaining tokens up to the slot, left-padded. ``tail_ids`` follows the slot.
+  """
+
+  shared_ids: np.ndarray  # [S] int32
   prefix_ids: np.ndarray  # [N, P] int32, left-padded
   prefix_mask: np.ndarray  # [N, P] bool
   tail_ids: np.ndarray  # [T] int32: the tokens after the slot, shared by all examples
@@ -106,9 +114,17 @@ class EncodedPrompts:
   no_id: int
 
 
+def _common_prefix_length(seqs: Sequence[list[int]]) -> int:
+  shortest = min(len(s) for s in seqs)
+  n = 0
+  while n < shortest and all(s[n] == seqs[0][n] for s in seqs):
+    n += 1
+  return n
+
+
 def encode_prompts(template: PromptTemplate, tokenizer, items: Sequence[tuple[str, str]],
                    pad_to_multiple: int = 16) -> EncodedPrompts:
-  """Tokenizes (text, word) pairs into left-padded prefixes and the shared tail."""
+  """Tokenizes (text, word) pairs into a shared part, left-padded prefixes and the tail."""
   if not items:
     raise PromptError('No examples to encode.')
   prefixes, tail = [], None
@@ -126,16 +142,20 @@ def encode_prompts(template: PromptTemplate, tokenizer, items: Sequence[tuple[st
       raise PromptError('The text after the concept slot differs between examples; the slot '
                         'must be the last example-dependent part of the prompt.')
     prefixes.append(_encode(tokenizer, before))
-  longest = max(len(p) for p in prefixes)
+  # Every example keeps at least one token of its own: the slot's prior is read there.
+  shared = min(_common_prefix_length(prefixes), min(len(p) for p in prefixes) - 1)
+  rest = [p[shared:] for p in prefixes]
+  longest = max(len(p) for p in rest)
   width = -(-longest // pad_to_multiple) * pad_to_multiple
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  prefix_ids = np.full((len(prefixes), width), pad, np.int32)
-  mask = np.zeros((len(prefixes), width), bool)
-  for i, p in enumerate(prefixes):
+  prefix_ids = np.full((len(rest), width), pad, np.int32)
+  mask = np.zeros((len(rest), width), bool)
+  for i, p in enumerate(rest):
     prefix_ids[i, width - len(p):] = p
     mask[i, width - len(p):] = True
   yes_id, no_id = answer_ids(template, tokenizer)
-  return EncodedPrompts(prefix_ids, mask, np.asarray(tail, np.int32), yes_id, no_id)
+  return EncodedPrompts(np.asarray(prefixes[0][:shared], np.int32), prefix_ids, mask,
+                        np.asarray(tail, np.int32), yes_id, no_id)
 
 
 def template_from_config(cfg) -> PromptTemplate:
