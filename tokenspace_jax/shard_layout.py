@@ -1,0 +1,113 @@
+"""How examples and batches are split across the ``data`` axis of the mesh.
+
+A ``NamedSharding`` splits the example axis into contiguous blocks: device ``j`` along ``data``
+holds slots ``[j * n_local, (j + 1) * n_local)``. Data parallelism without moving prefix caches
+between devices needs every batch to take the same number of examples from each block, and each
+block to hold its share of the positives and negatives to draw them from. So:
+
+* ``layout_examples`` deals train positives, train negatives and held-out examples to the blocks
+  in turn, keeping their order within a block, and pads every block to one size with copies that
+  no batch draws;
+* ``shard_schedule`` draws each block's part of every batch from its own train examples, exactly
+  as ``descent.batch_schedule`` draws a whole batch, and lays the parts side by side: a
+  [steps, batch] schedule of *local* slots, column block ``j`` for device ``j``.
+
+With one block both are the identity, so a one-device mesh runs the schedule of a plain run.
+``to_global`` turns a local schedule into global slots, for ``descent.make_step`` on one device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from tokenspace_jax import descent
+
+
+class LayoutError(ValueError):
+  pass
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleLayout:
+  data: int  # number of blocks (devices along the data axis)
+  n_local: int  # slots per block
+  order: np.ndarray  # [data * n_local] example stored in each slot
+  padding: np.ndarray  # [data * n_local] bool: a copy that no batch draws
+  n_train: int
+
+  @property
+  def slots(self) -> int:
+    return self.data * self.n_local
+
+  def slot_of(self) -> np.ndarray:
+    """[examples] the slot holding each example (for evaluation by example index)."""
+    where = np.empty(int(self.order[~self.padding].max()) + 1, np.int64)
+    real = np.flatnonzero(~self.padding)
+    where[self.order[real]] = real
+    return where
+
+  def arrange(self, x: np.ndarray, axis: int = 0) -> np.ndarray:
+    """``x`` indexed by example, reordered (and padded) into slots along ``axis``."""
+    return np.take(np.asarray(x), self.order, axis=axis)
+
+
+def layout_examples(targets: np.ndarray, n_train: int, data: int) -> ExampleLayout:
+  """Deals examples (train first, then held-out, as ``labeling.prepare`` orders them) to blocks.
+
+  Train positives, train negatives and held-out examples are each dealt round robin, so every
+  block holds an equal share (to within one) of each kind, in the examples' order.
+  """
+  targets = np.asarray(targets)
+  kind = np.where(np.arange(len(targets)) >= n_train, 2, (targets <= 0.5).astype(np.int64))
+  # Each kind continues the rotation where the previous one stopped, so blocks differ in size
+  # by at most one example.
+  dealt = np.concatenate([[0], np.cumsum(np.bincount(kind, minlength=3))[:-1]])
+  blocks: list[list[int]] = [[] for _ in range(data)]
+  for e, k in enumerate(kind):
+    blocks[dealt[k] % data].append(e)
+    dealt[k] += 1
+  n_local = max(len(b) for b in blocks)
+  order, padding = [], []
+  for b in blocks:
+    if not b:
+      raise LayoutError(f'{len(targets)} examples cannot fill {data} data shards.')
+    order += b + [b[-1]] * (n_local - len(b))
+    padding += [False] * len(b) + [True] * (n_local - len(b))
+  return ExampleLayout(data=data, n_local=n_local, order=np.asarray(order, np.int64),
+                       padding=np.asarray(padding), n_train=n_train)
+
+
+def shard_schedule(layout: ExampleLayout, targets: np.ndarray, steps: int, batch_size: int,
+                   positive_fraction: float | None, seed: int) -> np.ndarray:
+  """[steps, batch] local slots: column block ``j`` is drawn from block ``j``'s train examples.
+
+  Block ``j`` draws ``batch_size / data`` examples a step with ``descent.batch_schedule`` and seed
+  ``seed + j`` (so one block reproduces a plain run). The positive share is rounded per block.
+  """
+  if batch_size % layout.data:
+    raise LayoutError(f'data.batch_size={batch_size} is not a multiple of the {layout.data} '
+                      'data shards: each device takes an equal share of a batch.')
+  local = batch_size // layout.data
+  targets = np.asarray(targets)
+  parts = []
+  for j in range(layout.data):
+    slots = np.arange(j * layout.n_local, (j + 1) * layout.n_local)
+    train = slots[~layout.padding[slots] & (layout.order[slots] < layout.n_train)]
+    positive = targets[layout.order[train]] > 0.5
+    pos, neg = train[positive] - j * layout.n_local, train[~positive] - j * layout.n_local
+    needs_both = positive_fraction is not None and 0 < round(local * positive_fraction) < local
+    if len(train) == 0 or (needs_both and (len(pos) == 0 or len(neg) == 0)):
+      raise LayoutError(f'Data shard {j} holds {len(pos)} train positives and {len(neg)} '
+                        f'negatives: too few to draw its share of a batch. Use fewer data shards '
+                        'or more examples.')
+    parts.append(descent.batch_schedule(pos, neg, steps, local, positive_fraction, seed + j))
+  return np.concatenate(parts, axis=1).astype(np.int32)
+
+
+def to_global(schedule: np.ndarray, layout: ExampleLayout) -> np.ndarray:
+  """A local-slot schedule as global slots (column block ``j`` offset by its block)."""
+  steps, batch = schedule.shape
+  block = np.repeat(np.arange(layout.data), batch // layout.data)
+  return (schedule + block[None] * layout.n_local).astype(np.int32)
