@@ -80,6 +80,13 @@ def test_run_writes_a_complete_result(tiny_lm, tmp_path, monkeypatch):
   assert again['wall_seconds'] == result['wall_seconds']
 
 
+def test_rating_prompt_runs(tiny_lm, tmp_path):
+  """The paper's zero-shot chat prompt: chat template, answers '1'/'0' after 'Rating: '."""
+  config = config_defaults.apply_arg(quick_config(steps=2), 'rating')
+  result = labeling.run(config, str(tmp_path), lm=tiny_lm)
+  assert result['steps'] == 2 and result['config']['prompt']['yes'] == '1'
+
+
 def test_workdir_with_another_config_is_refused(tiny_lm, tmp_path):
   labeling.run(quick_config(steps=2), str(tmp_path), lm=tiny_lm)
   with pytest.raises(labeling.ConfigMismatchError, match='optim'):
