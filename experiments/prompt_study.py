@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tokenspace_jax.config_defaults import FEW_SHOT_EXAMPLES
 from tokenspace_jax.models import KVCache, load_model
 
 # --------------------------------------------------------------------------------------------
@@ -210,14 +211,7 @@ N_RANDOM = 8
 # strings and readout markers (yes, no): a marker reads the answer logits at the last token so far.
 
 # Few-shot examples: other concepts than the four tested; each concept once right, once wrong.
-SHOTS = [('She painted the door red.', 'red', 'color', True),
-         ('We took the bus to school.', 'bus', 'food', False),
-         ('The apple was sweet and crisp.', 'apple', 'color', False),
-         ('He baked fresh bread this morning.', 'bread', 'food', True),
-         ('A truck blocked the narrow street.', 'truck', 'vehicle', True),
-         ('The children were happy all day.', 'happy', 'vehicle', False),
-         ('Her anger faded slowly.', 'anger', 'emotion', True),
-         ('The sky was blue and clear.', 'blue', 'emotion', False)]
+SHOTS = list(FEW_SHOT_EXAMPLES)  # the examples the default prompt uses
 # Contrastive shots: each word once under its own concept (Yes) and once under another (No), so
 # the answer can only be got right by reading the concept.
 CONTRAST_SHOTS = [('He baked fresh bread this morning.', 'bread', 'food', True),

@@ -18,7 +18,7 @@ RATING_PROMPT = dict(
 
 
 # Worked examples of concepts other than the built-in features, so no answer is leaked.
-_SHOTS = (('She painted the door red.', 'red', 'color', True),
+FEW_SHOT_EXAMPLES = (('She painted the door red.', 'red', 'color', True),
           ('We took the bus to school.', 'bus', 'food', False),
           ('The apple was sweet and crisp.', 'apple', 'color', False),
           ('He baked fresh bread this morning.', 'bread', 'food', True),
@@ -37,7 +37,7 @@ FEWSHOT_PROMPT = dict(
     yes=' Yes',
     no=' No',
     chat=False,
-    few_shot=tuple(dict(text=t, word=w, concept=c, answer=a) for t, w, c, a in _SHOTS),
+    few_shot=tuple(dict(text=t, word=w, concept=c, answer=a) for t, w, c, a in FEW_SHOT_EXAMPLES),
 )
 
 PROMPTS = {'fewshot': FEWSHOT_PROMPT, 'rating': RATING_PROMPT}
