@@ -13,25 +13,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokenspace_jax.models.kv_cache import KVCache
+from tokenspace_jax.models.kv_cache import KVCache, PrefixCache
 from tokenspace_jax.models.llama import Llama
 
 
 class PrefixCaches(flax.struct.PyTreeNode):
-  k: jax.Array  # [layers, examples, P, kv_heads, head_dim]
+  """Every example's prompt up to the slot, as keys/values; the shared part stored once.
+
+  ``shared_k``/``shared_v`` (None when the prompts share no tokens) hold the tokens every prompt
+  starts with; ``k``/``v`` each example's own tokens after them, left-padded. Storing the shared
+  part once, rather than in every example's cache, makes the caches several times smaller, and a
+  step attends it as one matrix for the whole batch instead of gathering it per example.
+  """
+
+  k: jax.Array  # [layers, examples, W, kv_heads, head_dim]: own tokens
   v: jax.Array
-  valid: jax.Array  # [examples, P]
+  valid: jax.Array  # [examples, W]
   log_prior: jax.Array  # [examples, V]: log q, the model's next-token distribution at the slot
+  shared_k: jax.Array | None = None  # [layers, S, kv_heads, head_dim]
+  shared_v: jax.Array | None = None
 
-  def take(self, idx: jax.Array) -> KVCache:
-    """The caches of examples ``idx`` as a KVCache whose new tokens follow the prefix.
+  def take(self, idx: jax.Array) -> PrefixCache:
+    """The caches of examples ``idx`` as a read-only PrefixCache for a block that follows them.
 
-    ``end`` is the capacity: the tail's keys are attended in place and the cache it would write
-    is discarded (XLA drops that write), so no copy of the prefix is made per step.
+    Nothing is copied here: each layer reads its rows of ``k``/``v`` in place (see PrefixCache).
     """
-    return KVCache(k=jnp.take(self.k, idx, axis=1), v=jnp.take(self.v, idx, axis=1),
-                   valid=jnp.take(self.valid, idx, axis=0),
-                   end=jnp.asarray(self.valid.shape[1], jnp.int32))
+    return PrefixCache(shared_k=self.shared_k, shared_v=self.shared_v, k=self.k, v=self.v,
+                       valid=jnp.take(self.valid, idx, axis=0), rows=idx)
 
 
 def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.ndarray,
@@ -40,7 +48,8 @@ def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.n
 
   The part every prompt shares (``shared_ids``: instructions, few-shot examples) is run once
   and copied into each chunk's cache; only each example's own tokens are computed per example.
-  Slots of the result: [shared | left-padded own tokens].
+  The result keeps the shared part once (``shared_k``) and each example's own, left-padded
+  tokens (``k``).
   """
   n, width = prefix_ids.shape
   n_shared = len(shared_ids)
@@ -62,7 +71,9 @@ def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.n
     hidden, cache = model.apply({'params': params}, ids, input_mask=mask, cache=cache,
                                 return_hidden=True)
     logits = model.apply({'params': params}, hidden[:, -1], method=Llama.logits)
-    return cache.k, cache.v, cache.valid, jax.nn.log_softmax(logits, axis=-1)
+    own = lambda x: x[:, :, n_shared:]
+    return (own(cache.k), own(cache.v), cache.valid[:, n_shared:],
+            jax.nn.log_softmax(logits, axis=-1))
 
   shared = (run_shared(params, jnp.asarray(shared_ids)) if n_shared
             else KVCache.empty(model.config, 1, capacity, cache_dtype))
@@ -78,13 +89,15 @@ def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.n
     vs.append(v[:, :real])
     valids.append(valid[:real])
     priors.append(prior[:real])
+  first = lambda x: x[:, 0, :n_shared] if n_shared else None
   return PrefixCaches(k=jnp.concatenate(ks, 1), v=jnp.concatenate(vs, 1),
-                      valid=jnp.concatenate(valids, 0), log_prior=jnp.concatenate(priors, 0))
+                      valid=jnp.concatenate(valids, 0), log_prior=jnp.concatenate(priors, 0),
+                      shared_k=first(shared.k), shared_v=first(shared.v))
 
 
-def answer_log_probs(model: Llama, params, cache: KVCache, label_embeddings: jax.Array,
-                     tail_ids: jax.Array, answer_ids: jax.Array, answer_bias: jax.Array,
-                     full_vocab: bool) -> jax.Array:
+def answer_log_probs(model: Llama, params, cache: KVCache | PrefixCache,
+                     label_embeddings: jax.Array, tail_ids: jax.Array, answer_ids: jax.Array,
+                     answer_bias: jax.Array, full_vocab: bool) -> jax.Array:
   """log P(yes), log P(no) [batch, 2] after [label slot(s), tail] on top of ``cache``.
 
   ``label_embeddings`` is [K, hidden] (one label for the batch) or [batch, K, hidden].

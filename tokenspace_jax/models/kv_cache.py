@@ -44,3 +44,38 @@ class KVCache(flax.struct.PyTreeNode):
         v=jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), at),
         valid=jax.lax.dynamic_update_slice(self.valid, mask, (zero, self.end)),
         end=self.end + mask.shape[1])
+
+
+class PrefixCache(flax.struct.PyTreeNode):
+  """Read-only keys/values of many prompts, attended by a batch that names its prompts by row.
+
+  Token-space descent attends a different batch of cached prompt prefixes every step. Gathering
+  them into a ``KVCache`` would copy batch x prefix x layers of keys and values per step (and the
+  gradient would keep a second copy for the backward pass); instead each layer reads its own rows
+  in place, inside the layer scan. The tokens every prompt starts with (instructions, few-shot
+  examples) are stored once and attended by the whole batch as one matrix, so per step only the
+  examples' own tokens are gathered.
+
+  A new block attends [shared | own | itself]; nothing is written, so the model returns no cache.
+  """
+
+  shared_k: jax.Array | None  # [layers, S, kv_heads, head_dim]: the tokens all prompts share
+  shared_v: jax.Array | None
+  k: jax.Array  # [layers, examples, W, kv_heads, head_dim]: each prompt's own tokens, left-padded
+  v: jax.Array
+  valid: jax.Array  # [batch, W] bool: the own slots of each batch row that hold real tokens
+  rows: jax.Array  # [batch] int32: the example (index into ``k``'s second axis) of each row
+
+  @property
+  def shared_length(self) -> int:
+    return 0 if self.shared_k is None else self.shared_k.shape[1]
+
+  @property
+  def lengths(self) -> jax.Array:
+    """Number of real tokens per batch row; the next token's RoPE position."""
+    return self.shared_length + self.valid.sum(axis=1, dtype=jnp.int32)
+
+  def own_layer(self, layer: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Keys and values [batch, W, kv_heads, head_dim] of the batch's own tokens in ``layer``."""
+    at = lambda x: x.at[layer, self.rows].get(mode='clip')
+    return at(self.k), at(self.v)

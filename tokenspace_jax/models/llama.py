@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tokenspace_jax.models.config import LlamaConfig, rope_inverse_frequencies
-from tokenspace_jax.models.kv_cache import KVCache
+from tokenspace_jax.models.kv_cache import KVCache, PrefixCache
 
 Dtype = Any
 _MASKED = float(np.finfo(np.float32).min)
@@ -60,13 +60,24 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return x * cos + rotated * sin
 
 
+def _attend_scores(q, keys, acc):
+  """q [b, t, kv, group, d] against keys [b, s, kv, d] (per row) or [s, kv, d] (shared)."""
+  spec = 'bskd' if keys.ndim == 4 else 'skd'
+  return jnp.einsum(f'btkgd,{spec}->bkgts', q, keys.astype(q.dtype), preferred_element_type=acc)
+
+
+def _attend_values(probs, values):
+  spec = 'bskd' if values.ndim == 4 else 'skd'
+  return jnp.einsum(f'bkgts,{spec}->btkgd', probs, values.astype(probs.dtype))
+
+
 class Attention(nn.Module):
   config: LlamaConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, cos, sin, input_mask, cached_kv, cache_valid):
+  def __call__(self, x, cos, sin, input_mask, layer, cache):
     c = self.config
     b, t, _ = x.shape
     dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype,
@@ -80,24 +91,25 @@ class Attention(nn.Module):
     acc = _accumulation_dtype(self.dtype)
     group = c.num_heads // c.num_kv_heads
     q = q.reshape(b, t, c.num_kv_heads, group, c.head_dim) * (c.head_dim ** -0.5)
+    # Blocks of keys, values and their mask [b, 1, 1, t, s] (None: all valid), all earlier than
+    # the new tokens but the last. Each is read in place: nothing is concatenated but the scores.
+    blocks = []
+    if isinstance(cache, KVCache):
+      blocks.append((cache.k[layer], cache.v[layer], cache.valid[:, None, None, None, :]))
+    elif isinstance(cache, PrefixCache):
+      if cache.shared_k is not None:  # one [S, kv, d] matrix for the whole batch
+        blocks.append((cache.shared_k[layer], cache.shared_v[layer], None))
+      own_k, own_v = cache.own_layer(layer)
+      blocks.append((own_k, own_v, cache.valid[:, None, None, None, :]))
     causal = jnp.tril(jnp.ones((t, t), bool))
-    new_mask = causal[None, None, None] & input_mask[:, None, None, None, :]
-    scores = [jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=acc)]
-    masks = [new_mask]
-    if cached_kv is not None:
-      # Cached slots are all earlier than the new block; only padding is masked. The cache is
-      # read in place (not concatenated), so a step that discards the new cache copies nothing.
-      ck, cv = cached_kv
-      scores.insert(0, jnp.einsum('btkgd,bskd->bkgts', q, ck.astype(q.dtype),
-                                  preferred_element_type=acc))
-      masks.insert(0, jnp.broadcast_to(cache_valid[:, None, None, None, :],
-                                       (b, 1, 1, t, cache_valid.shape[1])))
-    scores = jnp.concatenate(scores, axis=-1)
-    mask = jnp.concatenate([jnp.broadcast_to(m, (b, 1, 1, t, m.shape[-1])) for m in masks], -1)
-    probs = jax.nn.softmax(jnp.where(mask, scores, _MASKED), axis=-1).astype(self.dtype)
-    out = jnp.einsum('bkgts,bskd->btkgd', probs[..., -t:], v)
-    if cached_kv is not None:
-      out = out + jnp.einsum('bkgts,bskd->btkgd', probs[..., :-t], cv.astype(self.dtype))
+    blocks.append((k, v, causal[None, None, None] & input_mask[:, None, None, None, :]))
+    scores = [_attend_scores(q, keys, acc) for keys, _, _ in blocks]
+    scores = [s if m is None else jnp.where(m, s, _MASKED)
+              for s, (_, _, m) in zip(scores, blocks, strict=True)]
+    widths = np.cumsum([0] + [s.shape[-1] for s in scores])
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(self.dtype)
+    out = sum(_attend_values(probs[..., lo:hi], values)
+              for lo, hi, (_, values, _) in zip(widths[:-1], widths[1:], blocks, strict=True))
     out = out.reshape(b, t, c.num_heads * c.head_dim)
     return dense(c.hidden_size, 'o')(out), (k, v)
 
@@ -117,21 +129,23 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-  """One decoder layer; scanned over the layer axis, so it takes its cache slice as scan input."""
+  """One decoder layer; scanned over the layer axis with its index, which selects the layer's
+  slice of the cache (read in place: a scanned cache input would be copied out per layer)."""
 
   config: LlamaConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, cached_kv, cos, sin, input_mask, cache_valid):
+  def __call__(self, x, layer, cos, sin, input_mask, cache):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     eps = self.config.rms_norm_eps
     h, new_kv = Attention(self.config, name='attn', **kw)(
-        RMSNorm(eps, name='attn_norm', **kw)(x), cos, sin, input_mask, cached_kv, cache_valid)
+        RMSNorm(eps, name='attn_norm', **kw)(x), cos, sin, input_mask, layer, cache)
     x = x + h
     x = x + MLP(self.config, name='mlp', **kw)(RMSNorm(eps, name='mlp_norm', **kw)(x))
-    return x, new_kv
+    # Only a KVCache is appended to; stacking the new keys otherwise would cost a write per layer.
+    return x, (new_kv if isinstance(cache, KVCache) else None)
 
 
 class Llama(nn.Module):
@@ -152,15 +166,21 @@ class Llama(nn.Module):
     self.embed = self.param('embed', init, (c.vocab_size, c.hidden_size), self.param_dtype)
     if not c.tie_word_embeddings:
       self.lm_head = self.param('lm_head', init, (c.hidden_size, c.vocab_size), self.param_dtype)
+    # Under differentiation a layer keeps only its matmul outputs for the backward pass and
+    # recomputes the rest (norms, RoPE, attention over the cache): the recomputation is cheap,
+    # whereas every saved [layers, ...] array is written, zero-filled and read back per step.
+    block = nn.remat(Block, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                     prevent_cse=False)
     self.layers = nn.scan(
-        Block, variable_axes={'params': 0}, split_rngs={'params': True},
+        block, variable_axes={'params': 0}, split_rngs={'params': True},
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=c.num_layers)(c, dtype=self.dtype, param_dtype=self.param_dtype)
     self.final_norm = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
 
   def __call__(self, tokens: jax.Array | None = None, *, embeddings: jax.Array | None = None,
                positions: jax.Array | None = None, input_mask: jax.Array | None = None,
-               cache: KVCache | None = None, readout_ids: jax.Array | None = None,
+               cache: KVCache | PrefixCache | None = None,
+               readout_ids: jax.Array | None = None,
                return_hidden: bool = False) -> tuple[jax.Array, KVCache | None]:
     """Runs the decoder over a block of tokens.
 
@@ -170,13 +190,14 @@ class Llama(nn.Module):
       positions: [batch, T] RoPE positions; default: continue after the cache's real tokens,
         counting only unmasked inputs (so left padding gets positions 0.. for real tokens).
       input_mask: [batch, T] bool, False for padding; default all True.
-      cache: the keys/values of earlier tokens; the block is appended at ``cache.end``.
+      cache: the keys/values of earlier tokens: a KVCache (the block is appended at
+        ``cache.end``) or a read-only PrefixCache (the block is attended, not stored).
       readout_ids: [R] vocabulary ids; logits only for these rows (e.g. the answer tokens).
       return_hidden: return the final-normed hidden states instead of logits.
 
     Returns:
       (logits [batch, T, vocab or R] in float32 (float64 for a float64 model), or hidden
-      [batch, T, hidden]; the new cache, or None when no cache was given).
+      [batch, T, hidden]; the new KVCache, or None unless a KVCache was given).
     """
     if (tokens is None) == (embeddings is None):
       raise ValueError('Pass exactly one of tokens and embeddings.')
@@ -189,11 +210,10 @@ class Llama(nn.Module):
       start = cache.lengths[:, None] if cache is not None else 0
       positions = jnp.maximum(start + jnp.cumsum(input_mask, axis=1, dtype=jnp.int32) - 1, 0)
     cos, sin = rope_angles(self.config, positions, _accumulation_dtype(self.dtype))
-    cached_kv = (cache.k, cache.v) if cache is not None else None
-    cache_valid = cache.valid if cache is not None else None
-    x, (k, v) = self.layers(x, cached_kv, cos, sin, input_mask, cache_valid)
+    layer = jnp.arange(self.config.num_layers, dtype=jnp.int32)
+    x, new_kv = self.layers(x, layer, cos, sin, input_mask, cache)
     hidden = self.final_norm(x)
-    new_cache = cache.append(k, v, input_mask) if cache is not None else None
+    new_cache = cache.append(*new_kv, input_mask) if isinstance(cache, KVCache) else None
     if return_hidden:
       return hidden, new_cache
     return self.logits(hidden, readout_ids), new_cache
