@@ -63,6 +63,20 @@ def tiny_loaded(tiny_hf):
 
 
 @pytest.fixture(scope='session')
+def tiny_folder(tmp_path_factory):
+  """An HF folder: a 2-layer random Llama over SmolLM2's vocabulary, with its tokenizer: the
+  labeling machinery for real (chat template, prompts, caches) at a tiny model's speed."""
+  from tokenspace_jax.models.default import default_gguf_path
+  from tokenspace_jax.models.tokenizer import load_tokenizer
+  folder = str(tmp_path_factory.mktemp('tiny_smol'))
+  build_hf_llama(folder, vocab_size=49152, hidden_size=32, intermediate_size=64,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                 max_position_embeddings=2048, tie_word_embeddings=True)
+  load_tokenizer(default_gguf_path()).save_pretrained(folder)
+  return folder
+
+
+@pytest.fixture(scope='session')
 def make_hf_llama():
   """``build_hf_llama`` as a fixture, so test modules need not import conftest."""
   return build_hf_llama

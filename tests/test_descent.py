@@ -5,10 +5,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from ml_collections import ConfigDict
 
-from tokenspace_jax import classifier, descent
+from tokenspace_jax import classifier, descent, sweep
 from tokenspace_jax import label as label_lib
 from tokenspace_jax.evaluate import auroc
 from tokenspace_jax.models import Llama, LlamaConfig
@@ -180,3 +181,101 @@ def test_non_finite_step_keeps_state():
   assert not bool(metrics['ok'])
   assert int(state['step']) == 0
   np.testing.assert_array_equal(state['label']['logits'], 1.0)
+
+
+def test_planted_two_token_label_is_found():
+  """A feature planted on a pair of tokens filling a two-token slot: descent over two
+  distributions, two restarts in one vmapped sweep step, must recover the pair, in order, as the
+  restart whose discrete label has the lowest training loss.
+
+  The weights keep their small init scale here: with the 8x weights of the tests above, a
+  two-token slot makes the random model so nonlinear in its input that descent settles in
+  mixtures whose discrete labels score below chance, whatever the plant.
+  """
+  model, params = _tiny(seed=1)
+  params = jax.tree.map(lambda x: x / 8 if x.ndim > 1 else x, params)
+  n = 48
+  ids, mask = _prefixes(n, seed=7)
+  caches = classifier.prefix_caches(model, params, np.zeros(0, np.int32), ids, mask, chunk=16)
+  tail = jnp.asarray([7, 8, 9], jnp.int32)
+  answers = jnp.asarray([YES, NO], jnp.int32)
+  candidates = np.random.default_rng(0).choice(np.arange(5, TINY.vocab_size), 12, replace=False)
+  first, second = candidates[:6], candidates[6:]  # each position draws from its own six tokens
+  pairs = np.array([(a, b) for a in first for b in second])
+
+  @jax.jit
+  @jax.vmap
+  def margin(pair):
+    lp = classifier.answer_log_probs(model, params, caches.take(jnp.arange(n)),
+                                     params['embed'][pair], tail, answers, jnp.asarray(0.0), False)
+    return lp[:, 0] - lp[:, 1]
+
+  margins = np.asarray(margin(jnp.asarray(pairs)))
+  specific = margins - margins.mean(axis=0)
+  best = int(np.argmax(specific.std(axis=1)))
+  plant = tuple(int(t) for t in pairs[best])
+  targets = (specific[best] > np.median(specific[best])).astype(np.float32)
+  aurocs = np.array([auroc(m, targets) for m in margins])
+  assert np.argmax(aurocs) == best  # the rig: the plant alone separates the data best
+  allowed = np.zeros((2, TINY.vocab_size), bool)
+  allowed[0, first] = allowed[1, second] = True
+
+  positives, negatives = np.flatnonzero(targets), np.flatnonzero(1 - targets)
+  rng = np.random.default_rng(0)
+  steps = 300
+  schedule = np.stack([np.concatenate([rng.choice(positives, 8, replace=False),
+                                       rng.choice(negatives, 8, replace=False)])
+                       for _ in range(steps)])
+  data = descent.DescentData(
+      params=params, caches=caches, targets=jnp.asarray(targets),
+      schedule=jnp.asarray(schedule, jnp.int32), tail_ids=tail, answer_ids=answers,
+      allowed=jnp.asarray(allowed), mean_log_prior=caches.log_prior.mean(0))
+  objective = Objective(model, LossWeights(1.0, 0.02, 100, 0.0), full_vocab_answer=False)
+  optimizer = descent.make_optimizer(ConfigDict(dict(name='adam', lr=0.1, b1=0.9, b2=0.999)))
+  restarts = 2
+  labels = {'logits': jax.random.normal(jax.random.PRNGKey(0), (restarts, 2, TINY.vocab_size)),
+            'answer_bias': jnp.zeros(restarts)}
+  chained = optax.chain(optimizer, optax.scale(1.0))
+  state = jax.vmap(lambda label: descent.init_state(label, chained))(labels)
+  hp = {k: jnp.full(restarts, v, jnp.float32)
+        for k, v in dict(lr=0.1, w_label=1.0, w_entropy=0.02, w_kl=0.0).items()}
+  step = sweep.make_sweep_step(objective, optimizer, 0.1)
+  for _ in range(steps):
+    state, metrics = step(state, data, hp, jnp.ones(restarts, bool))
+  assert step._cache_size() == 1
+  found = [tuple(int(i) for i in row) for row in metrics['label_ids']]
+  index = {tuple(int(t) for t in p): i for i, p in enumerate(pairs)}
+  # The training loss of each restart's discrete label, with its best answer bias.
+  signs = np.where(targets > 0.5, 1.0, -1.0)
+  loss = lambda m: min(np.mean(np.logaddexp(0, -signs * (m + b))) for b in np.linspace(-5, 5, 201))
+  chosen = min(found, key=lambda pair: loss(margins[index[pair]]))
+  assert chosen == plant, (found, plant, metrics['label_p'])
+
+
+def test_later_label_positions_take_the_prior_after_the_discrete_prefix():
+  """KL of a two-token label: position 0 against the slot's mean prior, position 1 against the
+  batch-mean next-token distribution after the first position's most probable token."""
+  model, params = _tiny()
+  targets = np.array([1, 0] * 4, np.float32)
+  data = _data(model, params, targets, np.arange(8)[None])
+  rng = np.random.default_rng(0)
+  label = {'logits': jnp.asarray(rng.normal(size=(2, TINY.vocab_size)), jnp.float32),
+           'answer_bias': jnp.zeros(())}
+  objective = Objective(model, LossWeights(1.0, 0.0, 0, 1.0))
+  idx = jnp.arange(8)
+  _, m = objective(label, params, data.caches, idx, jnp.asarray(targets), data.tail_ids,
+                   data.answer_ids, data.allowed, data.mean_log_prior, jnp.asarray(0))
+  log_p = np.asarray(objective.log_p(label, data.allowed))
+  p = np.exp(log_p)
+  first = int(np.argmax(log_p[0]))
+  # The model run on the full prompt [shared | prefix | first token], uncached.
+  ids, mask = _prefixes(8)
+  full = jnp.concatenate([jnp.broadcast_to(SHARED, (8, 4)), ids, jnp.full((8, 1), first)], 1)
+  full_mask = jnp.concatenate([jnp.ones((8, 4), bool), mask, jnp.ones((8, 1), bool)], 1)
+  logits, _ = model.apply({'params': params}, full, input_mask=full_mask)
+  log_q1 = np.asarray(jax.nn.log_softmax(logits[:, -1])).mean(0)
+  allowed = np.asarray(data.allowed)
+  kl = lambda pk, lpk, lq: float(np.sum((pk * (lpk - lq))[allowed]))
+  expected = 0.5 * (kl(p[0], log_p[0], np.asarray(data.mean_log_prior))
+                    + kl(p[1], log_p[1], log_q1))
+  np.testing.assert_allclose(float(m['kl']), expected, rtol=1e-4)

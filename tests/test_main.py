@@ -20,21 +20,8 @@ from tokenspace_jax import config_defaults, labeling
 from tokenspace_jax.checkpoint import Checkpointer
 from tokenspace_jax.features import FeatureError
 from tokenspace_jax.models import load_model
-from tokenspace_jax.models.default import default_gguf_path
-from tokenspace_jax.models.tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope='module')
-def tiny_folder(tmp_path_factory, make_hf_llama):
-  """An HF folder: a 2-layer random Llama over SmolLM2's vocabulary, with its tokenizer."""
-  folder = str(tmp_path_factory.mktemp('tiny_smol'))
-  make_hf_llama(folder, vocab_size=49152, hidden_size=32, intermediate_size=64,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                max_position_embeddings=2048, tie_word_embeddings=True)
-  load_tokenizer(default_gguf_path()).save_pretrained(folder)
-  return folder
 
 
 @pytest.fixture(scope='module')
@@ -100,7 +87,7 @@ def test_unknown_feature_is_a_clear_error(tiny_lm, tmp_path):
 
 @pytest.mark.parametrize('key, value, match', [
     ('loss.answer', 'fuzzy', 'loss.answer'), ('steps', 0, 'steps'),
-    ('data.positive_fraction', 1.0, 'positive_fraction'), ('label.num_tokens', 2, 'num_tokens')])
+    ('data.positive_fraction', 1.0, 'positive_fraction'), ('label.num_tokens', 9, 'num_tokens')])
 def test_bad_config_values_are_clear_errors(tmp_path, key, value, match):
   with pytest.raises(labeling.ConfigValueError, match=match):
     labeling.run(quick_config(**{key: value}), str(tmp_path))  # fails before loading a model
@@ -182,3 +169,75 @@ def test_unknown_config_key_is_a_clear_error(tiny_folder, tmp_path):
   assert proc.returncode != 0
   err = proc.stderr.decode()
   assert 'lrr' in err and 'Traceback' not in err
+
+
+def test_main_on_simulated_meshes(tiny_folder, tmp_path):
+  """``main`` on simulated CPU devices, the default mesh (data=-1) taking them all: the examples
+  split over 4 data shards, the weights replicated (4x1, 4 devices) or split over 2 model shards
+  (4x2, 8 devices). Both share the layout and schedule, so
+  they must descend alike; a mesh that does not fit the devices is a one-line error."""
+  runs = {}
+  for name, devices, extra in (('4x1', 4, []), ('4x2', 8, ['--config.mesh.model=2']),
+                               ('3x2', 8, ['--config.mesh.data=3', '--config.mesh.model=2'])):
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1',
+           'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+    cmd = _main(tmp_path / name, tiny_folder, '--config.steps=8', *extra)
+    runs[name] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE)
+  out = {name: p.communicate(timeout=600) for name, p in runs.items()}
+  err = out['3x2'][1].decode()
+  assert runs['3x2'].returncode == 1 and 'mesh' in err and 'Traceback' not in err, err[-2000:]
+  for name in ('4x1', '4x2'):
+    assert runs[name].returncode == 0, out[name][1].decode()[-3000:]
+    mesh = f"Mesh {{'data': 4, 'model': {name[-1]}}} over {4 * int(name[-1])} devices"
+    assert mesh in out[name][1].decode()
+  results = {n: json.loads((tmp_path / n / 'result.json').read_text()) for n in ('4x1', '4x2')}
+  lines = {n: [json.loads(x) for x in (tmp_path / n / 'trajectory.jsonl').read_text().splitlines()]
+           for n in results}
+  assert [r['step'] for r in lines['4x2']] == list(range(1, 9))
+  np.testing.assert_allclose([r['loss'] for r in lines['4x1']], [r['loss'] for r in lines['4x2']],
+                             rtol=0, atol=1e-5)
+  assert results['4x1']['label'] == results['4x2']['label']
+  aurocs = lambda r: [s['auroc'] for s in r['heldout']['scores']]
+  np.testing.assert_allclose(aurocs(results['4x1']), aurocs(results['4x2']), atol=1e-6)
+  assert results['4x2']['heldout']['examples'] == 32  # every held-out example, none padded
+
+
+def test_sweep_rows_equal_separate_runs(tiny_lm, tmp_path):
+  """Rows of a sweep (2 learning rates x 2 restarts in one vmapped step) against single runs:
+  restart 0 of each learning rate must follow the single run with that rate."""
+  from tokenspace_jax import sweep
+  changes = {'sweep.grid': 'optim.lr=0.05,0.3', 'sweep.restarts': 2, 'early_stop.prob': 0.0}
+  result = sweep.run(quick_config(**changes), str(tmp_path / 'sweep'), lm=tiny_lm)
+  assert [(r['lr'], r['restart']) for r in result['rows']] == [(0.05, 0), (0.05, 1), (0.3, 0),
+                                                               (0.3, 1)]
+  traj = [json.loads(x) for x in (tmp_path / "sweep" / "trajectory.jsonl").read_text().splitlines()]
+  assert len(traj) == 12 and len(traj[0]['loss']) == 4
+  for row, lr in ((0, 0.05), (2, 0.3)):
+    single = labeling.run(quick_config(**{'optim.lr': lr}), str(tmp_path / f'lr{lr}'),
+                          lm=tiny_lm)
+    lines = [json.loads(x) for x in (tmp_path / f'lr{lr}' / 'trajectory.jsonl').read_text()
+             .splitlines()]
+    np.testing.assert_allclose([t['loss'][row] for t in traj], [r['loss'] for r in lines],
+                               rtol=0, atol=2e-5)
+    assert result['rows'][row]['label'] == single['label']
+  # Restarts start elsewhere: their first losses differ from restart 0's.
+  assert traj[0]['loss'][1] != traj[0]['loss'][0]
+  assert sorted(sum(result['agreement'].values(), [])) == [0, 1, 2, 3]
+  assert 'agreement' in sweep.summary(result)
+
+
+def test_two_token_label_run(tiny_lm, tmp_path):
+  """A two-token slot end to end: the label is read as text, each position reported, and the
+  baselines fill the same two-token slot."""
+  result = labeling.run(quick_config(steps=3, **{'label.num_tokens': 2}), str(tmp_path),
+                        lm=tiny_lm)
+  tok = tiny_lm.tokenizer
+  assert len(result['token_id']) == 2 and result['label'] == tok.decode(result['token_id'])
+  assert [len(p) for p in result['positions']] == [5, 5]
+  assert [p[0]['id'] for p in result['positions']] == result['token_id']
+  scores = {s['role']: s for s in result['heldout']['scores']}
+  assert scores['reference']['token_id'] == tok(' animal', add_special_tokens=False)['input_ids']
+  assert all(len(s['token_id']) == 2 for s in result['heldout']['scores'] if s['role'] == 'random')
+  lines = [json.loads(x) for x in (tmp_path / 'trajectory.jsonl').read_text().splitlines()]
+  assert len(lines[-1]['label_p']) == 2

@@ -233,3 +233,22 @@ def test_two_processes_match_one_process(children):
   results = np.load(folder / 'multi.npz')  # written by process 0 only
   assert int(results['devices']) == 8 and int(results['local_devices']) == 4
   _assert_matches(results, '4x2', 4)
+
+
+def test_prefix_caches_written_into_sharded_buffers_equal_the_concatenated_ones():
+  """The placed pass writes chunks (the last one partial) into preallocated buffers."""
+  from tokenspace_jax import classifier
+  model, params = rig.tiny_model()
+  rng = np.random.default_rng(1)
+  ids = rng.integers(5, rig.TINY.vocab_size, (11, 6)).astype(np.int32)
+  mask = np.ones(ids.shape, bool)
+  mask[::3, :2] = False
+  shared = np.asarray([9, 10, 11], np.int32)
+  plain = classifier.prefix_caches(model, params, shared, ids, mask, chunk=4)
+  mesh = sharding.make_mesh(data=1, model=1)
+  placed = classifier.prefix_caches(model, params, shared, ids, mask, chunk=4,
+                                    out_shardings=lambda a: sharding.cache_shardings(a, mesh))
+  assert placed.k.sharding == jax.sharding.NamedSharding(mesh, P(None, 'data', None, 'model',
+                                                                  None))
+  for name in ('k', 'v', 'valid', 'log_prior', 'shared_k', 'shared_v'):
+    np.testing.assert_array_equal(getattr(placed, name), getattr(plain, name), err_msg=name)

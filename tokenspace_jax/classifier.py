@@ -43,13 +43,21 @@ class PrefixCaches(flax.struct.PyTreeNode):
 
 
 def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.ndarray,
-                  prefix_mask: np.ndarray, chunk: int = 16, cache_dtype=None) -> PrefixCaches:
+                  prefix_mask: np.ndarray, chunk: int = 16, cache_dtype=None,
+                  out_shardings=None) -> PrefixCaches:
   """Caches and priors for all examples, computed in jitted chunks of a fixed size.
 
   The part every prompt shares (``shared_ids``: instructions, few-shot examples) is run once
   and copied into each chunk's cache; only each example's own tokens are computed per example.
   The result keeps the shared part once (``shared_k``) and each example's own, left-padded
   tokens (``k``).
+
+  Each chunk is written into preallocated buffers as soon as it is computed, so the caches are
+  held once, never as chunks plus their concatenation. ``out_shardings`` (a function from the
+  result's ``jax.ShapeDtypeStruct``s to a matching tree of shardings) places those buffers on a
+  device mesh, so no device ever holds more than its share of the caches (Llama-3-8B's caches
+  of a few hundred examples exceed one accelerator's memory); by default they are on the
+  default device.
   """
   n, width = prefix_ids.shape
   n_shared = len(shared_ids)
@@ -77,22 +85,68 @@ def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.n
 
   shared = (run_shared(params, jnp.asarray(shared_ids)) if n_shared
             else KVCache.empty(model.config, 1, capacity, cache_dtype))
-  ks, vs, valids, priors = [], [], [], []
+  first = lambda x: x[:, 0, :n_shared] if n_shared else None
+  shared_k, shared_v = first(shared.k), first(shared.v)
+  writer = _ShardedWriter(n, shared_k, shared_v, out_shardings)
   for start in range(0, n, chunk):
     ids, mask = prefix_ids[start:start + chunk], prefix_mask[start:start + chunk]
     real = ids.shape[0]
     if real < chunk:  # pad the last chunk so every call has one shape
       ids = np.concatenate([ids, np.repeat(ids[-1:], chunk - real, 0)])
       mask = np.concatenate([mask, np.repeat(mask[-1:], chunk - real, 0)])
-    k, v, valid, prior = run(params, shared, ids, mask)
-    ks.append(k[:, :real])
-    vs.append(v[:, :real])
-    valids.append(valid[:real])
-    priors.append(prior[:real])
-  first = lambda x: x[:, 0, :n_shared] if n_shared else None
-  return PrefixCaches(k=jnp.concatenate(ks, 1), v=jnp.concatenate(vs, 1),
-                      valid=jnp.concatenate(valids, 0), log_prior=jnp.concatenate(priors, 0),
-                      shared_k=first(shared.k), shared_v=first(shared.v))
+    writer.write(start, real, run(params, shared, ids, mask))
+  return writer.result()
+
+
+class _ShardedWriter:
+  """Chunks of (k, v, valid, log_prior) written into preallocated (sharded) buffers, in place."""
+
+  _AXES = (1, 1, 0, 0)  # the example axis of k, v, valid, log_prior
+
+  def __init__(self, n: int, shared_k, shared_v, out_shardings):
+    self.n, self.shared = n, (shared_k, shared_v)
+    self.out_shardings, self.buffers, self._write = out_shardings, None, None
+
+  def _allocate(self, parts):
+    def full(x, axis):
+      shape = list(x.shape)
+      shape[axis] = self.n
+      return jax.ShapeDtypeStruct(tuple(shape), x.dtype)
+    k, v, valid, prior = (full(x, a) for x, a in zip(parts, self._AXES, strict=True))
+    sds = lambda x: None if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype)
+    abstract = PrefixCaches(k=k, v=v, valid=valid, log_prior=prior,
+                            shared_k=sds(self.shared[0]), shared_v=sds(self.shared[1]))
+    own = lambda c: (c.k, c.v, c.valid, c.log_prior)
+    # Without shardings the arrays stay uncommitted, like any jnp result, so a jitted step that
+    # also takes uncommitted state compiles once.
+    self.shardings = None if self.out_shardings is None else self.out_shardings(abstract)
+    targets = None if self.shardings is None else own(self.shardings)
+    self.buffers = jax.jit(lambda: tuple(jnp.zeros(x.shape, x.dtype) for x in own(abstract)),
+                           out_shardings=targets)()
+
+    def write(buffers, parts, start):
+      def put(buf, part, axis):
+        return jax.lax.dynamic_update_slice_in_dim(buf, part.astype(buf.dtype), start, axis)
+      return tuple(put(b, p, a) for b, p, a in zip(buffers, parts, self._AXES, strict=True))
+
+    self._write = jax.jit(write, donate_argnums=(0,), out_shardings=targets)
+
+  def write(self, start: int, real: int, parts):
+    if self.buffers is None:
+      self._allocate(parts)
+    parts = tuple(jax.lax.slice_in_dim(x, 0, real, axis=a)
+                  for x, a in zip(parts, self._AXES, strict=True))
+    self.buffers = self._write(self.buffers, parts, jnp.asarray(start, jnp.int32))
+
+  def result(self) -> PrefixCaches:
+    k, v, valid, prior = self.buffers
+    if self.shardings is None:
+      return PrefixCaches(k=k, v=v, valid=valid, log_prior=prior, shared_k=self.shared[0],
+                          shared_v=self.shared[1])
+    put = lambda x, s: None if x is None else jax.device_put(x, s)
+    return PrefixCaches(k=k, v=v, valid=valid, log_prior=prior,
+                        shared_k=put(self.shared[0], self.shardings.shared_k),
+                        shared_v=put(self.shared[1], self.shardings.shared_v))
 
 
 def answer_log_probs(model: Llama, params, cache: KVCache | PrefixCache,
@@ -118,4 +172,20 @@ def answer_log_probs(model: Llama, params, cache: KVCache | PrefixCache,
     logits = logits.at[:, answer_ids[0]].add(answer_bias)
     return jnp.take(jax.nn.log_softmax(logits, axis=-1), answer_ids, axis=1)
   logits = model.apply({'params': params}, last, answer_ids, method=Llama.logits) + bias
+  return jax.nn.log_softmax(logits, axis=-1)
+
+
+def label_prefix_log_priors(model: Llama, params, cache: KVCache | PrefixCache,
+                            label_ids: jax.Array) -> jax.Array:
+  """log q [batch, T, V]: the model's next-token distribution after each of the discrete label
+  tokens ``label_ids`` [T], placed in the slot on top of ``cache``.
+
+  Row ``k`` is the naturalness prior of label position ``k + 1``: what the model itself would
+  write next, given the label so far.
+  """
+  batch = cache.valid.shape[0]
+  x = jnp.take(params['embed'], label_ids, axis=0).astype(model.dtype)
+  x = jnp.broadcast_to(x, (batch, *x.shape))
+  hidden, _ = model.apply({'params': params}, embeddings=x, cache=cache, return_hidden=True)
+  logits = model.apply({'params': params}, hidden, method=Llama.logits)
   return jax.nn.log_softmax(logits, axis=-1)

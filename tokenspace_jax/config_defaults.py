@@ -105,6 +105,19 @@ def get_base_config() -> ConfigDict:
   c.early_stop.prob = 0.9  # stop once the top token's p stays above this ...
   c.early_stop.patience = 25  # ... for this many steps (prob <= 0 disables)
 
+  # The device mesh (docs/scaling.md): examples and their prefix caches split along `data`, the
+  # weights along `model` (tensor parallel). -1 takes the remaining devices; with one device in
+  # all the run is the plain single-device step.
+  c.mesh = ConfigDict()
+  c.mesh.data = -1  # devices along the data axis (the batch must be a multiple)
+  c.mesh.model = 1  # devices along the model axis (weights split by sharding.PARAM_RULES)
+
+  # Restarts and sweeps in one run (tokenspace_jax/sweep.py): label rows descended together.
+  c.sweep = ConfigDict()
+  c.sweep.restarts = 1  # label rows per grid point; restarts after the first add noise
+  c.sweep.noise = 1.0  # std of the Gaussian logits added to restarts after the first
+  c.sweep.grid = ''  # e.g. 'optim.lr=0.05,0.2;loss.w_kl=0,0.02' (keys: sweep.GRID_KEYS)
+
   c.eval = ConfigDict()
   c.eval.num_random = 5
   c.eval.calibration_examples = 64
@@ -116,7 +129,8 @@ def apply_arg(c: ConfigDict, arg: str | None) -> ConfigDict:
   """Comma-separated config arguments, e.g. ``configs/animal.py:quick,rating``.
 
   ``quick`` shortens the run for smoke tests and first looks; ``fewshot`` and ``rating`` pick
-  the prompt template.
+  the prompt template; ``two`` makes the label two tokens; ``sweep`` descends 3 learning rates
+  x 2 restarts together, ``ablation`` the entropy and KL weights each on and off (4 rows).
   """
   for a in (arg or '').split(','):
     if a == '':
@@ -129,8 +143,16 @@ def apply_arg(c: ConfigDict, arg: str | None) -> ConfigDict:
       c.eval.calibration_examples = 16
       c.data.batch_size = 8
       c.checkpoint_every = 10
+    elif a == 'two':
+      c.label.num_tokens = 2
+    elif a == 'sweep':
+      c.sweep.grid = 'optim.lr=0.05,0.1,0.2'
+      c.sweep.restarts = 2
+    elif a == 'ablation':
+      c.sweep.grid = f'loss.w_entropy=0,{c.loss.w_entropy};loss.w_kl=0,{c.loss.w_kl}'
     elif a in PROMPTS:
       c.prompt = ConfigDict(PROMPTS[a])
     else:
-      raise ValueError(f'Unknown config argument {a!r}; known: quick, {", ".join(PROMPTS)}.')
+      raise ValueError(f'Unknown config argument {a!r}; known: quick, two, sweep, ablation, '
+                       f'{", ".join(PROMPTS)}.')
   return c

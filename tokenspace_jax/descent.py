@@ -71,9 +71,10 @@ def make_step(objective: Objective, optimizer: optax.GradientTransformation, top
     ok = jnp.isfinite(metrics['loss']) & jnp.all(jnp.isfinite(label['logits']))
     new = {'label': label, 'opt_state': opt_state, 'step': t + 1}
     new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
-    p = jnp.exp(objective.log_p(label, data.allowed))[0]
-    top_p, top_ids = jax.lax.top_k(p, top_k)
+    p = jnp.exp(objective.log_p(label, data.allowed))  # [K, V]
+    top_p, top_ids = jax.lax.top_k(p[0], top_k)
     return new, {**metrics, 'ok': ok, 'top_ids': top_ids, 'top_p': top_p,
+                 'label_ids': jnp.argmax(p, axis=-1), 'label_p': jnp.max(p, axis=-1),
                  'answer_bias': label['answer_bias']}
 
   return jax.jit(step, donate_argnums=(0,))

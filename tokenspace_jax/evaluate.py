@@ -49,7 +49,7 @@ def best_threshold(scores: np.ndarray, targets: np.ndarray) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class LabelScore:
-  token_id: int
+  token_id: int | list[int]  # a list for a label of several tokens
   token: str
   role: str  # 'found', 'reference', 'random'
   auroc: float
@@ -62,7 +62,8 @@ class LabelScore:
 
 
 class LabelScorer:
-  """Yes/no margins of fixed single-token labels, over examples given by index."""
+  """Yes/no margins of fixed labels (one token, or a sequence filling a multi-token slot),
+  over examples given by index."""
 
   def __init__(self, model: Llama, params, caches: classifier.PrefixCaches, tail_ids, answer_ids,
                full_vocab: bool, batch_size: int = 32):
@@ -73,30 +74,32 @@ class LabelScorer:
   @functools.cached_property
   def _margins(self):
     @jax.jit
-    def run(params, caches, idx, token_id, tail_ids, answer_ids):
-      emb = params['embed'][token_id][None]
+    def run(params, caches, idx, token_ids, tail_ids, answer_ids):
+      emb = params['embed'][token_ids]  # [K, hidden]: one compilation per label length
       lp = classifier.answer_log_probs(self.model, params, caches.take(idx), emb, tail_ids,
                                        answer_ids, jnp.zeros(()), self.full_vocab)
       return lp[:, 0] - lp[:, 1]
     return run
 
-  def margins(self, token_id: int, idx: np.ndarray) -> np.ndarray:
+  def margins(self, token_id: int | list[int], idx: np.ndarray) -> np.ndarray:
     """log P(yes) - log P(no) per example (the same order as ``idx``)."""
     out = []
     for start in range(0, len(idx), self.batch_size):
       chunk = idx[start:start + self.batch_size]
       padded = np.pad(chunk, (0, self.batch_size - len(chunk)), mode='edge')
       m = self._margins(self.params, self.caches, jnp.asarray(padded, jnp.int32),
-                        jnp.asarray(token_id, jnp.int32), self.tail_ids, self.answer_ids)
+                        jnp.atleast_1d(jnp.asarray(token_id, jnp.int32)), self.tail_ids,
+                        self.answer_ids)
       out.append(np.asarray(m)[:len(chunk)])
     return np.concatenate(out)
 
-  def score(self, token_id: int, token: str, role: str, calib_idx, calib_targets, eval_idx,
-            eval_targets) -> LabelScore:
+  def score(self, token_id: int | list[int], token: str, role: str, calib_idx, calib_targets,
+            eval_idx, eval_targets) -> LabelScore:
     threshold = best_threshold(self.margins(token_id, calib_idx), calib_targets)
     m = self.margins(token_id, eval_idx)
     pred = m > threshold
-    return LabelScore(token_id=int(token_id), token=token, role=role,
+    ids = [int(i) for i in np.atleast_1d(token_id)]
+    return LabelScore(token_id=ids[0] if np.ndim(token_id) == 0 else ids, token=token, role=role,
                       auroc=auroc(m, eval_targets),
                       accuracy=float((pred == (eval_targets > 0.5)).mean()),
                       balanced_accuracy=balanced_accuracy(pred, eval_targets),
@@ -125,15 +128,23 @@ def verdict(scores: list[LabelScore], margin: float = IDENTIFIABILITY_MARGIN) ->
   random_max = float(random_aucs.max()) if len(random_aucs) else float('nan')
   best_named = max([s.auroc for s in found + reference], default=float('nan'))
   dependence = best_named - random_mean
-  identifiable = bool(dependence >= margin)
+  # Beating random tokens is not enough when they score below chance: the named label must also
+  # beat chance (0.5) by the margin.
+  above_chance = best_named - 0.5
+  identifiable = bool(dependence >= margin and above_chance >= margin)
   out = {'identifiable': identifiable, 'random_auroc_mean': random_mean,
          'random_auroc_max': random_max, 'best_named_auroc': best_named,
-         'label_dependence': dependence, 'margin': margin}
+         'label_dependence': dependence, 'above_chance': above_chance, 'margin': margin}
   ref = reference[0] if reference else None
   f = found[0] if found else None
   weak = (f' The classifier is weak here (best AUROC {best_named:.3f}; chance is 0.5).'
           if best_named < 0.6 else '')
-  if not identifiable:
+  if not identifiable and dependence >= margin:
+    out['message'] = (
+        f'NOT IDENTIFIABLE: the best named label scores AUROC {best_named:.3f}, near chance '
+        f'(0.5), though random tokens do worse (mean {random_mean:.3f}). The classifier cannot '
+        'use this concept; the found token is not evidence of what the feature means.')
+  elif not identifiable:
     out['message'] = (
         'NOT IDENTIFIABLE: the classifier separates positives from negatives about equally well '
         f'whatever the label (random tokens: mean AUROC {random_mean:.3f}, best named label '

@@ -13,7 +13,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from tokenspace_jax import labeling
+from tokenspace_jax import distributed, labeling, sweep
 from tokenspace_jax.features import FeatureError
 from tokenspace_jax.label import LabelError
 from tokenspace_jax.models import ModelLoadError, UnsupportedConfigError
@@ -27,19 +27,27 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory (default: work
 # Errors whose message already says what is wrong and how to fix it: shown without a traceback.
 USER_ERRORS = (FeatureError, LabelError, ModelLoadError, UnsupportedConfigError, PromptError,
                DefaultModelMissingError, labeling.ConfigMismatchError, labeling.ConfigValueError,
-               labeling.NonFiniteLossError)
+               labeling.NonFiniteLossError, distributed.DistributedSetupError)
 
 
-def main(argv):
+def config_from_flags(argv, example: str):
+  """The ``--config`` of the command line, or None after printing why there is none."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
   if config is None:
-    raise app.UsageError('--config is required, e.g. --config=configs/chinese.py')
+    raise app.UsageError(f'--config is required, e.g. --config={example}')
   try:
     config.get('seed')  # a config file that failed to load raises on first access
   except OSError as e:
     print(f'error: {str(e).strip()}', file=sys.stderr)
+    return None
+  return config
+
+
+def main(argv):
+  config = config_from_flags(argv, 'configs/chinese.py')
+  if config is None:
     return 2
   name = config.feature.name or os.path.splitext(os.path.basename(config.feature.records))[0]
   workdir = _WORKDIR.value or os.path.join('workdirs', name or 'run')
@@ -50,6 +58,15 @@ def main(argv):
                if hasattr(flags.FLAGS['config'], 'config_filename') else '', overrides, workdir,
                config)
   try:
+    # Before anything touches a device: joins the other hosts of a pod slice (auto-detected on
+    # Cloud TPU, or from JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID); a no-op on
+    # a single machine.
+    distributed.initialize()
+    if sweep.is_sweep(config):  # several label rows in one run: a sweep.json, not result.json
+      result = sweep.run(config, workdir)
+      print(sweep.summary(result))
+      print(f'Wrote {os.path.join(workdir, "sweep.json")}')
+      return 0
     result = labeling.run(config, workdir)
   except USER_ERRORS as e:
     print(f'error: {e}', file=sys.stderr)
@@ -57,6 +74,8 @@ def main(argv):
   except labeling.RunInterrupted as e:
     print(str(e), file=sys.stderr)
     return 143
+  if not distributed.is_main_process():
+    return 0
   print(labeling.summary(result))
   print(f'Wrote {os.path.join(workdir, "result.json")} and trajectory.png')
   return 0

@@ -5,6 +5,12 @@
 ``q`` is the frozen model's next-token distribution at the concept slot. The KL is averaged over
 training examples; since KL(p||q_i) = -H(p) - p . log q_i, that average only needs the mean of
 log q_i, computed once, so the term costs one dot product per step rather than one per example.
+
+A label of K tokens has K distributions p_k, each with its own entropy and KL term (both
+averaged over the positions). The prior of position k > 0 is the model's next-token
+distribution after the label's current discrete prefix (the most probable token of each earlier
+position), averaged over the batch: it changes as the label does, so it is computed every step,
+by one extra forward pass of K - 1 tokens without gradient.
 """
 
 from __future__ import annotations
@@ -59,8 +65,13 @@ class Objective:
         answer_ids, bias, self.full_vocab_answer)
     ce = -jnp.mean(targets * lp[:, 0] + (1 - targets) * lp[:, 1])
     entropy = -jnp.mean(jnp.sum(p * log_p, axis=-1))
-    # The prior is the model's distribution at the first slot position.
-    kl = jnp.sum(p[0] * (log_p[0] - mean_log_prior))
+    # The prior of the first position: the model's distribution at the slot (precomputed).
+    log_q = mean_log_prior[None]
+    if p.shape[0] > 1:
+      prefix = jnp.argmax(log_p[:-1], axis=-1)
+      later = classifier.label_prefix_log_priors(self.model, params, caches.take(idx), prefix)
+      log_q = jnp.concatenate([log_q, jax.lax.stop_gradient(later.mean(axis=0))], axis=0)
+    kl = jnp.mean(jnp.sum(p * (log_p - log_q), axis=-1))
     w_entropy = self.weights.entropy_at(step)
     total = self.weights.label * ce + w_entropy * entropy + self.weights.kl * kl
     accuracy = jnp.mean((lp[:, 0] > lp[:, 1]) == (targets > 0.5))

@@ -10,10 +10,14 @@ import numpy as np
 
 
 class Trajectory:
-  """Per-step records, appended and flushed each step; on resume, cut back to the checkpoint."""
+  """Per-step records, appended and flushed each step; on resume, cut back to the checkpoint.
 
-  def __init__(self, path: str, resume_step: int):
+  ``write=False`` (processes other than 0 of a multi-host job) reads the file but never writes.
+  """
+
+  def __init__(self, path: str, resume_step: int, write: bool = True):
     self.path = path
+    self.write = write
     self.records = []
     if os.path.exists(path) and resume_step > 0:
       with open(path) as f:
@@ -25,8 +29,10 @@ class Trajectory:
           if record['step'] > resume_step:
             break
           self.records.append(record)
-    self._write_all()
-    self._file = open(path, 'a')
+    self._file = None
+    if write:
+      self._write_all()
+      self._file = open(path, 'a')
 
   def _write_all(self):
     tmp = self.path + '.tmp'
@@ -37,11 +43,13 @@ class Trajectory:
 
   def append(self, record: dict):
     self.records.append(record)
-    self._file.write(json.dumps(record, ensure_ascii=False) + '\n')
-    self._file.flush()
+    if self._file is not None:
+      self._file.write(json.dumps(record, ensure_ascii=False) + '\n')
+      self._file.flush()
 
   def close(self):
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
 
 
 def write_json(path: str, data: dict):

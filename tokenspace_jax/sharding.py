@@ -120,6 +120,25 @@ def param_shardings(params, mesh: Mesh, rules: Sequence[tuple[str, P]] = PARAM_R
                       is_leaf=lambda x: isinstance(x, P))
 
 
+def cache_specs(caches: PrefixCaches, mesh: Mesh) -> PrefixCaches:
+  """Prefix caches split along ``data`` by example and along ``model`` by KV head (matching the
+  K/V projections); the part every prompt shares is one copy per ``data`` shard."""
+  fit = lambda spec, x: None if x is None else fit_spec(spec, x.shape, mesh)
+  c = caches
+  return PrefixCaches(k=fit(P(None, DATA, None, MODEL, None), c.k),
+                      v=fit(P(None, DATA, None, MODEL, None), c.v),
+                      valid=fit(P(DATA, None), c.valid),
+                      log_prior=fit(P(DATA, MODEL), c.log_prior),
+                      shared_k=fit(P(None, None, MODEL, None), c.shared_k),
+                      shared_v=fit(P(None, None, MODEL, None), c.shared_v))
+
+
+def cache_shardings(caches: PrefixCaches, mesh: Mesh) -> PrefixCaches:
+  """``NamedSharding``s of ``cache_specs``; for ``classifier.prefix_caches(out_shardings=...)``."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), cache_specs(caches, mesh),
+                      is_leaf=lambda x: isinstance(x, P))
+
+
 def data_specs(data: DescentData, mesh: Mesh, rules: Sequence[tuple[str, P]] = PARAM_RULES,
                ) -> DescentData:
   """PartitionSpecs for sharded ``DescentData`` (its schedule holds local slot indices).
@@ -130,11 +149,7 @@ def data_specs(data: DescentData, mesh: Mesh, rules: Sequence[tuple[str, P]] = P
   slots of its own share of every batch. The rest is small and replicated.
   """
   c = data.caches
-  fit = lambda spec, x: fit_spec(spec, x.shape, mesh)
-  caches = PrefixCaches(k=fit(P(None, DATA, None, MODEL, None), c.k),
-                        v=fit(P(None, DATA, None, MODEL, None), c.v),
-                        valid=fit(P(DATA, None), c.valid),
-                        log_prior=fit(P(DATA, MODEL), c.log_prior))
+  caches = cache_specs(c, mesh)
   for name, x in (('examples', c.valid.shape[0]), ('batch', data.schedule.shape[1])):
     if x % mesh.shape[DATA]:
       raise MeshError(f'The {name} axis ({x}) is not a multiple of mesh data='

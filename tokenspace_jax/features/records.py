@@ -41,35 +41,54 @@ def load_records(path: str, tokenizer: Any, *, threshold: float = 0.0, name: str
   LLM call. Records, not tokens, are split into train and held-out, so no text leaks across; the
   split is stratified on whether a record has a positive, so both sides get some when possible.
   """
+  _check_split_arguments(heldout_fraction, max_negatives_per_text)
+  records = _read_records(path, tokenizer)
+  if not records:
+    raise FeatureError(f'{path}: no records found; each line should be a JSON object with '
+                       '"tokens" or "token_ids", and "activations" (see tokenspace_jax.features.'
+                       'records for the format).')
+  if name is None:
+    name = os.path.splitext(os.path.basename(path))[0]
+  return feature_from_records(records, tokenizer, source=path, name=name, threshold=threshold,
+                              reference_word=reference_word, heldout_fraction=heldout_fraction,
+                              seed=seed, max_negatives_per_text=max_negatives_per_text)
+
+
+def _check_split_arguments(heldout_fraction: float, max_negatives_per_text: int | None) -> None:
   if not 0.0 <= heldout_fraction < 1.0:
     raise FeatureError(f'heldout_fraction must be in [0, 1), got {heldout_fraction!r}; '
                        'use e.g. 0.2 to hold out a fifth of the records.')
   if max_negatives_per_text is not None and max_negatives_per_text < 0:
     raise FeatureError(f'max_negatives_per_text must be >= 0 or None, got '
                        f'{max_negatives_per_text!r}.')
-  records = _read_records(path, tokenizer)
-  if not records:
-    raise FeatureError(f'{path}: no records found; each line should be a JSON object with '
-                       '"tokens" or "token_ids", and "activations" (see tokenspace_jax.features.'
-                       'records for the format).')
 
+
+def feature_from_records(records: list[tuple[str, list[Span], list[float]]], tokenizer: Any, *,
+                         source: str, name: str, threshold: float = 0.0, reference_word: str = '',
+                         heldout_fraction: float = 0.2, seed: int = 0,
+                         max_negatives_per_text: int | None = 4) -> Feature:
+  """The :class:`Feature` of already parsed records (see :func:`load_records`).
+
+  ``source`` names the records in messages (a path, or a path and a feature id).
+  """
+  _check_split_arguments(heldout_fraction, max_negatives_per_text)
   per_record = [_record_examples(text, spans, acts, tokenizer, threshold)
                 for text, spans, acts in records]
   all_examples = [ex for exs in per_record for ex in exs]
   if not all_examples:
-    raise FeatureError(f'{path}: the records hold no non-blank tokens; add records with text.')
+    raise FeatureError(f'{source}: the records hold no non-blank tokens; add records with text.')
   if not any(ex.target for ex in all_examples):
     top = max(ex.activation for ex in all_examples)
     hint = (f'Pass a lower threshold, e.g. threshold={top / 2:g}' if top > 0 else
             'The feature never fires in this file; check that it holds this feature\'s '
             f'activations (or pass a threshold below {top:g})')
     raise FeatureError(
-        f'{path}: no positive example: no token has an activation above threshold={threshold} '
+        f'{source}: no positive example: no token has an activation above threshold={threshold} '
         f'(the largest activation found is {top:g}). {hint}.')
   if all(ex.target for ex in all_examples):
     low = min(ex.activation for ex in all_examples)
     raise FeatureError(
-        f'{path}: no negative example: every token has an activation above threshold='
+        f'{source}: no negative example: every token has an activation above threshold='
         f'{threshold} (the smallest is {low:g}). Pass a higher threshold, or add records '
         'where the feature does not fire.')
 
@@ -79,16 +98,16 @@ def load_records(path: str, tokenizer: Any, *, threshold: float = 0.0, name: str
                                  heldout_fraction, seed)
   train = tuple(ex for i, exs in enumerate(capped) if i not in heldout_ids for ex in exs)
   heldout = tuple(ex for i, exs in enumerate(capped) if i in heldout_ids for ex in exs)
-  if name is None:
-    name = os.path.splitext(os.path.basename(path))[0]
   return Feature(name=name, reference_word=reference_word, train=train, heldout=heldout,
-                 description=f'activation records from {path}, threshold {threshold}')
+                 description=f'activation records from {source}, threshold {threshold}')
 
 
-def _read_records(path: str, tokenizer: Any) -> list[tuple[str, list[Span], list[float]]]:
+def read_lines(path: str) -> list[str]:
+  """The file's lines, split on newlines only: JSON strings may hold U+2028 and other
+  characters that ``str.splitlines`` would break lines at (and so miscount them)."""
   try:
-    with open(path, encoding='utf-8') as f:
-      lines = f.read().splitlines()
+    with open(path, encoding='utf-8', newline='') as f:
+      text = f.read()
   except FileNotFoundError as e:
     raise FeatureFileNotFoundError(
         f'Activation records file not found: {path!r}; check the path (it is resolved '
@@ -96,6 +115,11 @@ def _read_records(path: str, tokenizer: Any) -> list[tuple[str, list[Span], list
   except UnicodeDecodeError as e:
     raise FeatureError(f'{path}: not UTF-8 text ({e}); save the records file as UTF-8 JSON '
                        'Lines.') from e
+  return [line.rstrip('\r') for line in text.split('\n')]
+
+
+def _read_records(path: str, tokenizer: Any) -> list[tuple[str, list[Span], list[float]]]:
+  lines = read_lines(path)
   records = []
   for lineno, line in enumerate(lines, start=1):
     if line.strip():
@@ -105,6 +129,10 @@ def _read_records(path: str, tokenizer: Any) -> list[tuple[str, list[Span], list
 
 def _parse_record(line: str, where: str, tokenizer: Any) -> tuple[str, list[Span], list[float]]:
   """``(text, character span of each record token, activation of each record token)``."""
+  return _record_fields(_json_object(line, where), where, tokenizer)
+
+
+def _json_object(line: str, where: str) -> dict:
   try:
     rec = json.loads(line)
   except json.JSONDecodeError as e:
@@ -113,6 +141,11 @@ def _parse_record(line: str, where: str, tokenizer: Any) -> tuple[str, list[Span
   if not isinstance(rec, dict):
     raise FeatureError(f'{where}: expected a JSON object, got {type(rec).__name__}; write one '
                        '{"tokens": [...], "activations": [...]} object per line.')
+  return rec
+
+
+def _record_fields(rec: dict, where: str, tokenizer: Any) -> tuple[str, list[Span], list[float]]:
+  """What :func:`_parse_record` returns, from the already decoded object of one line."""
   acts = rec.get('activations')
   if not isinstance(acts, list):
     raise FeatureError(f'{where}: missing "activations" list; add one number per token.')

@@ -1,0 +1,145 @@
+"""The paper's experiments and ablations on the embedded default; tables for docs/experiments.md.
+
+    python experiments/paper_experiments.py run ablation      # ~10 min on 2 CPU cores
+    python experiments/paper_experiments.py run balance       # ~10 min
+    python experiments/paper_experiments.py run tokens        # ~10 min
+    python experiments/paper_experiments.py table             # prints the markdown tables
+
+Each experiment loads the model once and writes one workdir per run under
+``workdirs/experiments/``; rerunning resumes or reuses finished runs (as ``main`` does), so the
+table can be regenerated from the workdirs at any time. The experiments:
+
+* ``ablation``: the ``animal`` feature with the entropy and KL weights each on (the defaults) and
+  off, the four combinations descended together as the rows of one sweep
+  (``configs/animal.py:ablation``): what the label converges to, and how fast.
+* ``balance``: the ``mammal`` feature with natural data (every word of the training texts,
+  sampled in its natural proportion), balanced sampling with easy negatives, and balanced
+  sampling with hard negatives (birds, fish, reptiles): does the label narrow from "animal" to
+  "mammal"? (The held-out sets differ with the negatives; each run is scored on its own.)
+* ``tokens``: single-token against two-token labels (``label.num_tokens=2``) on ``animal`` and
+  ``mammal``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+OUT = os.path.join(ROOT, 'workdirs', 'experiments')
+
+
+def config_for(feature: str, arg: str = '', **changes):
+  spec = importlib.util.spec_from_file_location(feature, os.path.join(ROOT, 'configs',
+                                                                      f'{feature}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(arg or None)
+  c.progress = False
+  for key, value in changes.items():
+    node = c
+    *path, last = key.split('.')
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return c
+
+
+# name -> (feature, config argument, overrides); a sweep when the argument asks for one.
+RUNS = {
+    'ablation': {'animal-ablation': ('animal', 'ablation', {})},
+    'balance': {
+        # Every word of the texts as a negative (capped at 800 train examples: all 124 positives
+        # and 676 negatives), sampled in that proportion.
+        'mammal-natural': ('mammal', '', {'data.sampling': 'natural',
+                                          'feature.negatives': 'natural',
+                                          'feature.max_train': 800}),
+        'mammal-balanced-easy': ('mammal', '', {'feature.negatives': 'easy'}),
+        'mammal-balanced-hard': ('mammal', '', {}),
+    },
+    'tokens': {
+        'animal-two-token': ('animal', 'two', {}),
+        'mammal-two-token': ('mammal', 'two', {}),
+    },
+}
+
+
+def run(experiment: str):
+  import logging
+
+  from tokenspace_jax import labeling, sweep
+  from tokenspace_jax.models import load_model
+
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
+  lm = load_model('default')
+  for name, (feature, arg, changes) in RUNS[experiment].items():
+    config = config_for(feature, arg, **changes)
+    workdir = os.path.join(OUT, name)
+    if sweep.is_sweep(config):
+      print(sweep.summary(sweep.run(config, workdir, lm=lm)), flush=True)
+    else:
+      print(labeling.summary(labeling.run(config, workdir, lm=lm)), flush=True)
+
+
+def _load(name: str, file: str):
+  path = os.path.join(OUT, name, file)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _auroc(result, role):
+  return next((s['auroc'] for s in result['heldout']['scores'] if s['role'] == role), None)
+
+
+def table():
+  lines = []
+  sw = _load('animal-ablation', 'sweep.json')
+  if sw:
+    lines += ['### Ablation: `animal`, entropy and KL terms on and off (one sweep, 4 rows)', '',
+              '| w_entropy | w_kl | label | p | steps to p ≥ 0.9 | held-out AUROC |',
+              '|---:|---:|---|---:|---:|---:|']
+    for r in sw['rows']:
+      lines.append(f'| {r["w_entropy"]:g} | {r["w_kl"]:g} | `{r["label"]!r}` | '
+                   f'{r["probability"]:.2f} | {r["steps_to_p90"] or "never"} | '
+                   f'{r["heldout_auroc"]:.3f} |')
+    base = ', '.join(f'{s["role"]} `{s["token"]!r}` {s["auroc"]:.3f}' for s in sw['baselines'])
+    lines += ['', f'Baselines: {base}. Sweep wall time {sw["wall_seconds"]:.0f} s.', '']
+  rows = [(name, _load(name, 'result.json')) for name in [*RUNS['balance'], *RUNS['tokens']]]
+  if any(r for _, r in rows):
+    lines += ['### Data balance and label length', '',
+              '| run | label | p | steps to p ≥ 0.9 | AUROC found / reference / random mean | '
+              'verdict | wall time |', '|---|---|---:|---:|---|---|---:|']
+    for name, r in rows:
+      if r is None:
+        continue
+      v = r['heldout']['verdict']
+      lines.append(f'| {name} | `{r["label"]!r}` | {r["probability"]:.2f} | '
+                   f'{r["steps_to_p90"] or "never"} | {_auroc(r, "found"):.3f} / '
+                   f'{_auroc(r, "reference") or float("nan"):.3f} / '
+                   f'{v["random_auroc_mean"]:.3f} | '
+                   f'{"identifiable" if r["identifiable"] else "NOT IDENTIFIABLE"} | '
+                   f'{r["wall_seconds"]:.0f} s |')
+  print('\n'.join(lines))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  sub = parser.add_subparsers(dest='cmd', required=True)
+  r = sub.add_parser('run')
+  r.add_argument('experiment', choices=sorted(RUNS))
+  sub.add_parser('table')
+  args = parser.parse_args()
+  if args.cmd == 'run':
+    run(args.experiment)
+  else:
+    table()
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,271 @@
+"""The batch job: the stacked step against single runs, and kills, restarts and bad records.
+
+The job tests use a tiny random Llama over SmolLM2's vocabulary with the real tokenizer (as
+test_main does), so labels are meaningless but every file the job writes is real.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+from tokenspace_jax import batch, classifier, descent, labeling, stacked_step
+from tokenspace_jax.features.synthetic_records import synthetic_records
+from tokenspace_jax.models import Llama, LlamaConfig, load_model
+from tokenspace_jax.objective import LossWeights, Objective
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FEATURES = ('animal', 'number', 'mammal', 'chinese')
+
+# --- the stacked step -------------------------------------------------------------------------
+
+TINY = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                   num_kv_heads=2, head_dim=8, rope_theta=10000.0, tie_word_embeddings=False)
+
+
+def _pool(n=16, width=10, shared=3):
+  """A tiny model and a pool of random prefix caches: made, not computed, so nothing compiles
+  but the steps under test."""
+  model = Llama(TINY)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))
+  rng = np.random.default_rng(0)
+  # Weights larger than the usual init, so that the label visibly changes the answer.
+  random = lambda path, s: jnp.asarray(
+      rng.normal(1.0 if 'scale' in jax.tree_util.keystr(path) else 0.0, 0.2, s.shape), s.dtype)
+  params = jax.tree_util.tree_map_with_path(random, shapes['params'])
+  kv = (TINY.num_layers, n, width, TINY.num_kv_heads, TINY.head_dim)
+  shared_kv = (TINY.num_layers, shared, TINY.num_kv_heads, TINY.head_dim)
+  valid = np.ones((n, width), bool)
+  for i in range(n):
+    valid[i, :rng.integers(0, 4)] = False
+  caches = classifier.PrefixCaches(
+      k=jnp.asarray(rng.normal(size=kv), jnp.float32), v=jnp.asarray(rng.normal(size=kv),
+                                                                     jnp.float32),
+      valid=jnp.asarray(valid),
+      log_prior=jax.nn.log_softmax(jnp.asarray(rng.normal(size=(n, TINY.vocab_size)),
+                                               jnp.float32)),
+      shared_k=jnp.asarray(rng.normal(size=shared_kv), jnp.float32),
+      shared_v=jnp.asarray(rng.normal(size=shared_kv), jnp.float32))
+  return model, params, caches
+
+
+def test_stacked_step_equals_separate_steps():
+  """Each row of a stacked step is the single-label step: same loss and label after several
+  steps (so the Adam moments and the gradient clipping are per row), and a row whose loss is
+  NaN, or that is inactive, stays as it was without disturbing the others."""
+  model, params, caches = _pool()
+  rows, steps = 3, 3
+  rng = np.random.default_rng(1)
+  schedules = rng.integers(0, 16, (rows, steps, 6)).astype(np.int32)
+  priors = jnp.stack([caches.log_prior[4 * r:4 * r + 4].mean(0) for r in range(rows)])
+  data = descent.DescentData(
+      params=params, caches=caches, targets=jnp.asarray(rng.integers(0, 2, 16), jnp.float32),
+      schedule=jnp.asarray(schedules), tail_ids=jnp.asarray([7, 8, 9], jnp.int32),
+      answer_ids=jnp.asarray([3, 4], jnp.int32),
+      allowed=jnp.ones(TINY.vocab_size, bool).at[:5].set(False), mean_log_prior=priors)
+  objective = Objective(model, LossWeights(1.0, 0.1, 2, 0.05))
+  optimizer = descent.make_optimizer(ConfigDict(dict(name='adam', lr=0.1, b1=0.9, b2=0.999,
+                                                     clip_norm=0.5)))
+  labels = [{'logits': jnp.asarray(rng.normal(size=(1, TINY.vocab_size)), jnp.float32),
+             'answer_bias': jnp.asarray(0.1 * r, jnp.float32)} for r in range(rows)]
+
+  single = descent.make_step(objective, optimizer)
+  expected = []
+  for r in range(rows):
+    state = descent.init_state(jax.tree.map(jnp.array, labels[r]), optimizer)
+    row_data = data.replace(schedule=data.schedule[r], mean_log_prior=priors[r])
+    for _ in range(steps):
+      state, metrics = single(state, row_data)
+    expected.append((float(metrics['loss']), np.asarray(state['label']['logits'])))
+
+  step = stacked_step.make_stacked_step(objective, optimizer)
+  state = stacked_step.init_stacked_state(stacked_step.stack(labels), optimizer)
+  active = jnp.ones(rows, bool)
+  for _ in range(steps):
+    state, metrics = step(state, data, active)
+  assert step._cache_size() == 1
+  for r in range(rows):
+    np.testing.assert_allclose(float(metrics['loss'][r]), expected[r][0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(state['label']['logits'][r], expected[r][1], rtol=1e-5, atol=1e-5)
+  assert np.asarray(state['step']).tolist() == [steps] * rows
+
+  # Row 0 turns NaN and row 2 is inactive: both stay put, row 1 moves on.
+  before = jax.tree.map(np.array, state)
+  state['label']['logits'] = state['label']['logits'].at[0, 0, 7].set(jnp.nan)
+  state, metrics = step(state, data, jnp.asarray([True, True, False]))
+  assert np.asarray(metrics['ok']).tolist() == [False, True, True]
+  assert np.asarray(state['step']).tolist() == [steps, steps + 1, steps]
+  np.testing.assert_array_equal(state['label']['logits'][2], before['label']['logits'][2])
+  np.testing.assert_array_equal(state['opt_state'][1][0].mu['logits'][2],
+                                before['opt_state'][1][0].mu['logits'][2])
+  assert not np.array_equal(state['label']['logits'][1], before['label']['logits'][1])
+
+
+# --- the job ---------------------------------------------------------------------------------
+
+OVERRIDES = {'steps': 6, 'checkpoint_every': 2, 'early_stop.prob': 0.0, 'feature.max_train': 16,
+             'feature.max_heldout': 12, 'eval.calibration_examples': 8, 'eval.num_random': 2,
+             'batch.features_per_step': 2}
+
+
+@pytest.fixture(scope='module')
+def records(tmp_path_factory):
+  """Four features' records, interleaved, with one malformed line of each kind and a feature
+  that never fires; returns (path, line numbers of the bad lines)."""
+  rows = [synthetic_records(name)[:20] for name in FEATURES]
+  lines = [json.dumps(r, ensure_ascii=False) for group in zip(*rows, strict=True) for r in group]
+  bad = ['{"feature_id": "animal", "tokens": ["a"', json.dumps({'feature_id': 'animal',
+                                                               'tokens': ['A', ' cat']}),
+         json.dumps({'feature_id': 'number', 'tokens': ['1', ' 2'], 'activations': [1.0]}),
+         json.dumps({'tokens': ['A', ' dog'], 'activations': [0.0, 1.0]})]
+  bad_lines = []
+  for i, line in enumerate(bad):
+    at = 7 + 11 * i
+    lines.insert(at, line)
+    bad_lines.append(at + 1)
+  flat = json.dumps({'feature_id': 99, 'tokens': ['The', ' sky'], 'activations': [0.0, 0.0]})
+  lines += [flat, flat]
+  path = tmp_path_factory.mktemp('records') / 'features.jsonl'
+  path.write_text('\n'.join(lines) + '\n', encoding='utf-8')
+  return str(path), bad_lines
+
+
+def _config(source, features, **changes):
+  spec = importlib.util.spec_from_file_location('batch_config', os.path.join(ROOT, 'configs',
+                                                                             'batch.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  for key, value in {**OVERRIDES, 'model.source': source, 'features': features,
+                     **changes}.items():
+    node = c
+    *path, last = key.split('.')
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return c
+
+
+def _command(workdir, source, features):
+  return [sys.executable, '-m', 'tokenspace_jax.batch', '--config=configs/batch.py',
+          f'--config.features={features}', f'--workdir={workdir}',
+          f'--config.model.source={source}',
+          *(f'--config.{k}={v}' for k, v in OVERRIDES.items())]
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+  """For the job's subprocesses: one compilation cache, so only the first run compiles."""
+  return {**os.environ, 'PYTHONUNBUFFERED': '1',
+          'JAX_COMPILATION_CACHE_DIR': str(tmp_path_factory.mktemp('jax_cache'))}
+
+
+@pytest.fixture(scope='module')
+def straight(tiny_folder, records, env, tmp_path_factory):
+  """The workdir of an uninterrupted run of the command."""
+  workdir = tmp_path_factory.mktemp('straight')
+  proc = subprocess.run(_command(workdir, tiny_folder, records[0]), cwd=ROOT, env=env,
+                        capture_output=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+  return str(workdir)
+
+
+@pytest.fixture(scope='module')
+def tiny_lm(tiny_folder):
+  return load_model(tiny_folder)
+
+
+def _lines(workdir, name='labels.jsonl'):
+  with open(os.path.join(workdir, name), encoding='utf-8') as f:
+    return [json.loads(x) for x in f]
+
+
+def test_malformed_records_are_reported_and_skipped(straight, records):
+  workdir = straight
+  labels = _lines(workdir)
+  assert [r['feature_id'] for r in labels] == list(FEATURES)
+  for r in labels:
+    assert 0 <= r['auroc']['found'] <= 1 and 0 <= r['auroc']['reference'] <= 1
+    assert r['steps'] == OVERRIDES['steps'] and len(r['top5']) == 5 and 'error' not in r
+    assert r['label'] == r['top5'][0]['token'] and r['probability'] == r['top5'][0]['p']
+  skipped = _lines(workdir, 'skipped.jsonl')
+  assert [s.get('line') for s in skipped if 'line' in s] == records[1]
+  for s in skipped:
+    if 'line' in s:
+      assert f'line {s["line"]}:' in s['error']
+  assert [s['feature_id'] for s in skipped if 'feature_id' in s] == [99]
+  assert 'no positive' in skipped[-1]['error']
+  assert not os.listdir(os.path.join(workdir, 'groups'))  # finished groups leave nothing
+
+
+def test_sigterm_then_resume_equals_uninterrupted_run(straight, tiny_folder, records, env,
+                                                      tmp_path):
+  """Killed in the second group, then restarted: the same labels.jsonl as an uninterrupted run.
+
+  Before the restart the first group's last line is also cut short, as a kill that cannot be
+  caught (SIGKILL) would leave it mid-write: the restart drops the stub, writes that line once
+  (and not the whole line before it again), and resumes the second group from its checkpoint.
+  """
+  killed = tmp_path / 'killed'
+  cmd = _command(killed, tiny_folder, records[0])
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  labels, second = killed / 'labels.jsonl', killed / 'groups' / '00001'
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if second.exists():  # the first group's lines are written; the second group is starting
+      proc.send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.02)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 143, err.decode()[-3000:]
+  assert b'Rerun the same command to resume' in err
+  assert [r['feature_id'] for r in _lines(killed)] == list(FEATURES[:2])
+  assert os.listdir(second / 'checkpoints')  # stopped mid-descent, with a checkpoint
+
+  lines = labels.read_bytes().splitlines(keepends=True)
+  labels.write_bytes(lines[0] + lines[1][:40])
+  resumed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
+  assert b'cut short' in resumed.stderr
+  assert b'Group 00001: resumed from the checkpoint at step' in resumed.stderr
+  assert labels.read_bytes() == open(os.path.join(straight, 'labels.jsonl'), 'rb').read()
+  assert (killed / 'skipped.jsonl').read_bytes() == open(
+      os.path.join(straight, 'skipped.jsonl'), 'rb').read()
+  assert not os.listdir(killed / 'groups')
+
+
+def test_workdir_of_another_config_is_refused(straight, tiny_folder, records, tiny_lm):
+  labels = os.path.join(straight, 'labels.jsonl')
+  before = open(labels, 'rb').read()
+  with pytest.raises(labeling.ConfigMismatchError, match='optim'):
+    batch.run(_config(tiny_folder, records[0], **{'optim.lr': 0.5}), straight)
+  with pytest.raises(labeling.ConfigMismatchError, match='batch'):
+    batch.run(_config(tiny_folder, records[0], **{'batch.features_per_step': 3}), straight)
+  # The command's own config is accepted, and a finished job is not recomputed.
+  counts = batch.run(_config(tiny_folder, records[0]), straight, lm=tiny_lm)
+  assert counts['labeled'] == len(FEATURES)
+  assert open(labels, 'rb').read() == before
+
+
+def test_group_of_other_features_is_refused(straight, tiny_folder, records, tiny_lm, tmp_path):
+  """A records file edited between a kill and the restart: the group on disk no longer matches."""
+  workdir = tmp_path / 'edited'
+  shutil.copytree(straight, workdir)
+  lines = (workdir / 'labels.jsonl').read_bytes().splitlines(keepends=True)
+  (workdir / 'labels.jsonl').write_bytes(b''.join(lines[:2]))
+  (workdir / 'groups' / '00001').mkdir(parents=True)
+  (workdir / 'groups' / '00001' / 'features.json').write_text(json.dumps(['mammal', 'cat']))
+  with pytest.raises(batch.BatchError, match='changed'):
+    batch.run(_config(tiny_folder, records[0]), str(workdir), lm=tiny_lm)
