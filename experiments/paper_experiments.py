@@ -4,6 +4,7 @@
     python experiments/paper_experiments.py run balance       # ~10 min
     python experiments/paper_experiments.py run tokens        # ~10 min
     python experiments/paper_experiments.py table             # prints the markdown tables
+    python experiments/paper_experiments.py plots             # writes docs/img/ figures
 
 Each experiment loads the model once and writes one workdir per run under
 ``workdirs/experiments/``; rerunning resumes or reuses finished runs (as ``main`` does), so the
@@ -128,15 +129,49 @@ def table():
   print('\n'.join(lines))
 
 
+def plots():
+  """docs/img/ablation_animal.png (each row's top-token probability by step) and the two-token
+  and balance runs' own trajectory plots, copied next to it."""
+  import shutil
+
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  img = os.path.join(ROOT, 'docs', 'img')
+  path = os.path.join(OUT, 'animal-ablation', 'trajectory.jsonl')
+  if os.path.exists(path):
+    with open(path) as f:
+      records = [json.loads(line) for line in f]
+    sweep = _load('animal-ablation', 'sweep.json')
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for r, row in enumerate(sweep['rows']):
+      ax.plot([x['step'] for x in records], [x['label_p'][r] for x in records],
+              label=f'w_entropy={row["w_entropy"]:g}, w_kl={row["w_kl"]:g}: {row["label"]!r}')
+    ax.set_xlabel('step')
+    ax.set_ylabel('p of the top token')
+    ax.set_title('animal: entropy and KL terms on and off')
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(img, 'ablation_animal.png'), dpi=100)
+  for name in [*RUNS['balance'], *RUNS['tokens']]:
+    src = os.path.join(OUT, name, 'trajectory.png')
+    if os.path.exists(src):
+      shutil.copy(src, os.path.join(img, f'trajectory_{name}.png'))
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   sub = parser.add_subparsers(dest='cmd', required=True)
   r = sub.add_parser('run')
   r.add_argument('experiment', choices=sorted(RUNS))
   sub.add_parser('table')
+  sub.add_parser('plots')
   args = parser.parse_args()
   if args.cmd == 'run':
     run(args.experiment)
+  elif args.cmd == 'plots':
+    plots()
   else:
     table()
 

@@ -90,6 +90,11 @@ def shard_schedule(layout: ExampleLayout, targets: np.ndarray, steps: int, batch
     raise LayoutError(f'data.batch_size={batch_size} is not a multiple of the {layout.data} '
                       'data shards: each device takes an equal share of a batch.')
   local = batch_size // layout.data
+  if positive_fraction is not None and not 0 < round(local * positive_fraction) < local:
+    raise LayoutError(f'Each of the {layout.data} data shards takes {local} examples of a '
+                      f'batch of {batch_size}: too few to hold positives and negatives at '
+                      f'positive_fraction={positive_fraction}. Use a larger data.batch_size or '
+                      'fewer data shards (mesh.data).')
   targets = np.asarray(targets)
   parts = []
   for j in range(layout.data):
