@@ -241,3 +241,18 @@ def test_two_token_label_run(tiny_lm, tmp_path):
   assert all(len(s['token_id']) == 2 for s in result['heldout']['scores'] if s['role'] == 'random')
   lines = [json.loads(x) for x in (tmp_path / 'trajectory.jsonl').read_text().splitlines()]
   assert len(lines[-1]['label_p']) == 2
+
+
+def test_main_runs_a_sweep_when_asked(tiny_folder, tmp_path):
+  """``main`` with restarts: one sweep.json with a row per restart, the table on stdout."""
+  proc = subprocess.run(_main(tmp_path, tiny_folder, '--config.steps=3',
+                              '--config.sweep.restarts=2'), cwd=ROOT, capture_output=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+  result = json.loads((tmp_path / 'sweep.json').read_text())
+  assert [r['restart'] for r in result['rows']] == [0, 1]
+  assert 'agreement' in proc.stdout.decode() and not (tmp_path / 'result.json').exists()
+  bad = subprocess.run(_main(tmp_path / 'bad', tiny_folder, "--config.sweep.grid=optim.lrr=1"),
+                       cwd=ROOT, capture_output=True, timeout=600)
+  assert bad.returncode == 1 and 'sweep.grid' in bad.stderr.decode()
+  assert 'Traceback' not in bad.stderr.decode()
