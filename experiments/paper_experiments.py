@@ -39,15 +39,11 @@ def config_for(feature: str, arg: str = '', **changes):
                                                                       f'{feature}.py'))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  from tokenspace_jax import config_defaults
+
   c = module.get_config(arg or None)
   c.progress = False
-  for key, value in changes.items():
-    node = c
-    *path, last = key.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return c
+  return config_defaults.override(c, changes)
 
 
 # name -> (feature, config argument, overrides); a sweep when the argument asks for one.

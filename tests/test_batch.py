@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from tokenspace_jax import batch, classifier, descent, labeling, stacked_step
+from tokenspace_jax import batch, classifier, config_defaults, descent, labeling, stacked_step
 from tokenspace_jax.features.synthetic_records import synthetic_records
 from tokenspace_jax.models import Llama, LlamaConfig, load_model
 from tokenspace_jax.objective import LossWeights, Objective
@@ -148,14 +148,8 @@ def _config(source, features, **changes):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config()
-  for key, value in {**OVERRIDES, 'model.source': source, 'features': features,
-                     **changes}.items():
-    node = c
-    *path, last = key.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return c
+  return config_defaults.override(c, {**OVERRIDES, 'model.source': source,
+                                      'features': features, **changes})
 
 
 def _command(workdir, source, features):

@@ -36,13 +36,7 @@ def quick_config(feature='animal', **changes):
   c.checkpoint_every = 4
   c.early_stop.prob = 0.0
   c.progress = False
-  for key, value in changes.items():
-    node = c
-    *path, last = key.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return c
+  return config_defaults.override(c, changes)
 
 
 def test_run_writes_a_complete_result(tiny_lm, tmp_path, monkeypatch):

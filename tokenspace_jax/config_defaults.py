@@ -125,6 +125,21 @@ def get_base_config() -> ConfigDict:
   return c
 
 
+def override(c: ConfigDict, changes: dict) -> ConfigDict:
+  """``c`` with dotted keys set, as ``--config.loss.w_kl=0.1`` would: ``{'loss.w_kl': 0.1}``.
+
+  For Python callers (notebooks, experiments, tests); an unknown key raises as on the command
+  line.
+  """
+  for key, value in changes.items():
+    node = c
+    *path, last = key.split('.')
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return c
+
+
 def apply_arg(c: ConfigDict, arg: str | None) -> ConfigDict:
   """Comma-separated config arguments, e.g. ``configs/animal.py:quick,rating``.
 
