@@ -283,14 +283,10 @@ def main(argv):
                       os.path.abspath(os.path.join(workdir, 'compilation_cache')))
   log.info('Workdir %s, compilation cache %s\n%s', workdir, jax.config.jax_compilation_cache_dir,
            config)
-  try:
-    counts = run(config, workdir)
-  except USER_ERRORS as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  except labeling.RunInterrupted as e:
-    print(str(e), file=sys.stderr)
-    return 143
+  counts, code = single.run_reporting_errors(run, config, workdir,
+                                             errors=USER_ERRORS)
+  if code:
+    return code
   print(f'{counts["labeled"]} of {counts["features"]} features labeled in '
         f'{os.path.join(workdir, "labels.jsonl")}; {counts["skipped"]} records or features '
         f'skipped (see skipped.jsonl).')

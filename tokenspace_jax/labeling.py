@@ -414,6 +414,35 @@ def _descend(config, lm, prep, step_fn, state, ckpt, trajectory, progress):
           'descent_seconds': descent_seconds, 'steps_run': final_step - start}
 
 
+def baseline_labels(config: ConfigDict, tok, prep: Prepared, k: int) -> list[tuple]:
+  """(ids, text, role) of the labels a found one is compared with: the human reference word
+  and ``eval.num_random`` random ones, each filling a slot of ``k`` tokens (an int id for k=1)."""
+  labels = []
+  ref_word = prep.feature.reference_word
+  if ref_word and k > 1:  # any length: a multi-token slot takes the word's own tokens
+    ids = tok(' ' + ref_word.strip(), add_special_tokens=False)['input_ids']
+    labels.append((ids, ' ' + ref_word.strip(), 'reference'))
+  elif ref_word:
+    # The spelling the slot expects first: with a leading space after "Concept:", bare after a
+    # quote.
+    spaced = not prep.template.user.split('{concept}')[0].endswith(('"', "'"))
+    variants = [' ' + ref_word.strip(), ref_word.strip()]
+    for variant in (variants if spaced else variants[::-1]):
+      try:
+        labels.append((label_lib.token_id_for_word(tok, variant), variant, 'reference'))
+        break
+      except label_lib.LabelError:
+        continue
+    else:
+      log.warning('Reference word %r is not a single token; not scored.', ref_word)
+  randoms = evaluate.random_label_tokens(prep.allowed, tok, config.eval.num_random * k,
+                                         config.seed)
+  for j in range(0, len(randoms) - k + 1, k):
+    ids = randoms[j:j + k]
+    labels.append((ids if k > 1 else ids[0], tok.decode(ids), 'random'))
+  return labels
+
+
 def _finish(config, lm, prep, loop, records, workdir, wall_seconds) -> dict:
   tok = lm.tokenizer
   state = loop['state']
@@ -437,30 +466,7 @@ def _finish(config, lm, prep, loop, records, workdir, wall_seconds) -> dict:
   calib = _stratified_pick(targets[:prep.n_train], config.eval.calibration_examples,
                            config.seed + 2)
   held = np.arange(prep.n_train, len(prep.examples))
-  labels = [(found_id, found_token, 'found')]
-  ref_word = prep.feature.reference_word
-  if ref_word and multi:  # any length: a multi-token slot takes the word's own tokens
-    ids = tok(' ' + ref_word.strip(), add_special_tokens=False)['input_ids']
-    labels.append((ids, ' ' + ref_word.strip(), 'reference'))
-  elif ref_word:
-    # The spelling the slot expects first: with a leading space after "Concept:", bare after a
-    # quote.
-    spaced = not prep.template.user.split('{concept}')[0].endswith(('"', "'"))
-    variants = [' ' + ref_word.strip(), ref_word.strip()]
-    for variant in (variants if spaced else variants[::-1]):
-      try:
-        labels.append((label_lib.token_id_for_word(tok, variant), variant, 'reference'))
-        break
-      except label_lib.LabelError:
-        continue
-    else:
-      log.warning('Reference word %r is not a single token; not scored.', ref_word)
-  k = p.shape[0]
-  randoms = evaluate.random_label_tokens(prep.allowed, tok, config.eval.num_random * k,
-                                         config.seed)
-  for j in range(0, len(randoms) - k + 1, k):
-    ids = randoms[j:j + k]
-    labels.append((ids if multi else ids[0], tok.decode(ids), 'random'))
+  labels = [(found_id, found_token, 'found')] + baseline_labels(config, tok, prep, p.shape[0])
   scores = [scorer.score(i, s, role, slot[calib], targets[calib], slot[held], targets[held])
             for i, s, role in labels]
   verdict = evaluate.verdict(scores)
@@ -483,7 +489,8 @@ def _finish(config, lm, prep, loop, records, workdir, wall_seconds) -> dict:
       'heldout': {'examples': int(len(held)), 'positives': int(targets[held].sum()),
                   'scores': [s.as_dict() for s in scores], 'verdict': verdict},
       'train': {'examples': prep.n_train, 'positives': int(targets[:prep.n_train].sum())},
-      'feature': prep.feature.name, 'reference_word': ref_word, 'model': lm.path,
+      'feature': prep.feature.name, 'reference_word': prep.feature.reference_word,
+      'model': lm.path,
       'config': json.loads(config.to_json()),
   }
   if distributed.is_main_process():

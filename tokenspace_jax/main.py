@@ -30,6 +30,29 @@ USER_ERRORS = (FeatureError, LabelError, ModelLoadError, UnsupportedConfigError,
                labeling.NonFiniteLossError, distributed.DistributedSetupError)
 
 
+def run_reporting_errors(fn, *args, errors: tuple = USER_ERRORS):
+  """(``fn(*args)``, 0), or (None, exit code) after a user error or an interruption, reported
+  in one line without a traceback (143 for SIGTERM/Ctrl-C: rerun the same command to resume)."""
+  try:
+    return fn(*args), 0
+  except errors as e:
+    print(f'error: {e}', file=sys.stderr)
+    return None, 1
+  except labeling.RunInterrupted as e:
+    print(str(e), file=sys.stderr)
+    return None, 143
+
+
+def _label(config, workdir: str):
+  # Before anything touches a device: joins the other hosts of a pod slice (auto-detected on
+  # Cloud TPU, or from JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID); a no-op on a
+  # single machine.
+  distributed.initialize()
+  if sweep.is_sweep(config):  # several label rows in one run: a sweep.json, not result.json
+    return sweep.run(config, workdir)
+  return labeling.run(config, workdir)
+
+
 def config_from_flags(argv, example: str):
   """The ``--config`` of the command line, or None after printing why there is none."""
   if len(argv) > 1:
@@ -57,24 +80,12 @@ def main(argv):
   logging.info('Config %s, overrides %s, workdir %s\n%s', flags.FLAGS['config'].config_filename
                if hasattr(flags.FLAGS['config'], 'config_filename') else '', overrides, workdir,
                config)
-  try:
-    # Before anything touches a device: joins the other hosts of a pod slice (auto-detected on
-    # Cloud TPU, or from JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID); a no-op on
-    # a single machine.
-    distributed.initialize()
-    if sweep.is_sweep(config):  # several label rows in one run: a sweep.json, not result.json
-      result = sweep.run(config, workdir)
-      print(sweep.summary(result))
-      print(f'Wrote {os.path.join(workdir, "sweep.json")}')
-      return 0
-    result = labeling.run(config, workdir)
-  except USER_ERRORS as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  except labeling.RunInterrupted as e:
-    print(str(e), file=sys.stderr)
-    return 143
-  if not distributed.is_main_process():
+  result, code = run_reporting_errors(_label, config, workdir)
+  if code or not distributed.is_main_process():
+    return code
+  if sweep.is_sweep(config):
+    print(sweep.summary(result))
+    print(f'Wrote {os.path.join(workdir, "sweep.json")}')
     return 0
   print(labeling.summary(result))
   print(f'Wrote {os.path.join(workdir, "result.json")} and trajectory.png')

@@ -241,18 +241,7 @@ def _finish(config, lm, prep, specs, state, records) -> dict:
                      'steps': int(state['rows']['step'][r]),
                      'final_loss': records[-1]['loss'][r] if records else None,
                      'heldout_auroc': scored[key].auroc})
-  baselines = []
-  if prep.feature.reference_word:
-    word = ' ' + prep.feature.reference_word.strip()
-    ids = tok(word, add_special_tokens=False)['input_ids']
-    if multi or len(ids) == 1:
-      baselines.append(score(ids if multi else ids[0], word, 'reference'))
-  k = p.shape[1]
-  randoms = evaluate.random_label_tokens(prep.allowed, tok, config.eval.num_random * k,
-                                         config.seed)
-  for j in range(0, len(randoms) - k + 1, k):
-    ids = randoms[j:j + k]
-    baselines.append(score(ids if multi else ids[0], tok.decode(ids), 'random'))
+  baselines = [score(*label) for label in labeling.baseline_labels(config, tok, prep, p.shape[1])]
   agreement = {}
   for row in out_rows:
     agreement.setdefault(row['label'], []).append(row['row'])
