@@ -94,7 +94,8 @@ import os
 import jax
 import jax.numpy as jnp
 
-from tokenspace_jax import labeling, sharding
+from tokenspace_jax import labeling
+from tokenspace_jax.parallel import sharding
 from tokenspace_jax.models import load_model
 from tokenspace_jax.models.loading.param_mapping import abstract_params
 

@@ -32,9 +32,11 @@ def worker(devices: int, steps: int, batch: int) -> dict:
 
   import jax
 
-  from tokenspace_jax import descent, labeling, parallel_step, sharding
+  from tokenspace_jax import labeling
+  from tokenspace_jax.engine import descent
   from tokenspace_jax.models import load_model
   from tokenspace_jax.models.loading.param_mapping import abstract_params
+  from tokenspace_jax.parallel import sharded_step, sharding
 
   spec = importlib.util.spec_from_file_location('animal_config', CONFIG)
   module = importlib.util.module_from_spec(spec)
@@ -51,7 +53,7 @@ def worker(devices: int, steps: int, batch: int) -> dict:
   optimizer = descent.make_optimizer(config.optim)
   state = descent.init_state(labeling.initial_label(config, lm, prep), optimizer)
   state = jax.device_put(state, sharding.replicated(mesh))
-  step = parallel_step.make_sharded_step(objective, optimizer, mesh, prep.data)
+  step = sharded_step.make_sharded_step(objective, optimizer, mesh, prep.data)
   t0 = time.perf_counter()
   state, metrics = step(state, prep.data)
   jax.block_until_ready(metrics)

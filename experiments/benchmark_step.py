@@ -118,7 +118,8 @@ class JaxWorker:
     import jax
     import jax.numpy as jnp
 
-    from tokenspace_jax import descent, labeling
+    from tokenspace_jax import labeling
+    from tokenspace_jax.engine import descent
     from tokenspace_jax.models import load_model
 
     self.jax = jax
@@ -202,8 +203,8 @@ class JaxWorker:
     """
     import jax
 
-    from tokenspace_jax import descent
-    from tokenspace_jax.objective import Objective
+    from tokenspace_jax.classifier.objective import Objective
+    from tokenspace_jax.engine import descent
 
     def cut_step(layers: int | None):
       data, objective = self.prep.data, self.objective
@@ -261,8 +262,9 @@ class TorchWorker:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tokenspace_jax import label as label_lib
-    from tokenspace_jax import labeling, prompts
+    from tokenspace_jax import labeling
+    from tokenspace_jax.classifier import label as label_lib
+    from tokenspace_jax.classifier import prompts
     from tokenspace_jax.features import BalancedSampler
     from tokenspace_jax.models.default import default_gguf_path
     from tokenspace_jax.models.tokenizer import load_tokenizer

@@ -34,12 +34,13 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
-from tokenspace_jax import descent, parallel_step, sharding  # noqa: E402
-from tokenspace_jax.classifier import PrefixCaches  # noqa: E402
+from tokenspace_jax.classifier.objective import LossWeights, Objective  # noqa: E402
+from tokenspace_jax.classifier.prefix import PrefixCaches  # noqa: E402
+from tokenspace_jax.engine import descent  # noqa: E402
 from tokenspace_jax.models.config import PRESETS  # noqa: E402
 from tokenspace_jax.models.llama import Llama  # noqa: E402
 from tokenspace_jax.models.loading.param_mapping import abstract_params  # noqa: E402
-from tokenspace_jax.objective import LossWeights, Objective  # noqa: E402
+from tokenspace_jax.parallel import sharded_step, sharding  # noqa: E402
 
 HBM_PER_CHIP = 16 * 2**30  # v5e
 
@@ -75,7 +76,7 @@ def activation_bytes(model: Llama, data: descent.DescentData, mesh, state) -> in
                       caches=jax.tree.map(as_f32, data.caches))
   sh = sharding.data_shardings(data, mesh)
   objective = Objective(f32, LossWeights(1.0, 0.1, 100, 0.02), full_vocab_answer=True)
-  step = parallel_step.make_sharded_step(objective, optax.adam(0.1), mesh, data)
+  step = sharded_step.make_sharded_step(objective, optax.adam(0.1), mesh, data)
   with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
   state = jax.tree.map(lambda x: with_sharding(x, sharding.replicated(mesh)), state)
   compiled = step.lower(state, jax.tree.map(with_sharding, data, sh)).compile()

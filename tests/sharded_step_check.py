@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tokenspace_jax import distributed  # noqa: E402
+from tokenspace_jax.parallel import distributed  # noqa: E402
 
 
 def main(out_path: str, meshes: str, process_id: str | None = None,
@@ -30,7 +30,7 @@ def main(out_path: str, meshes: str, process_id: str | None = None,
   import numpy as np
   import sharding_rig as rig
 
-  from tokenspace_jax import parallel_step, sharding
+  from tokenspace_jax.parallel import sharded_step, sharding
 
   results = {'devices': np.asarray(jax.device_count()),
              'local_devices': np.asarray(jax.local_device_count())}
@@ -43,7 +43,7 @@ def main(out_path: str, meshes: str, process_id: str | None = None,
     data = distributed.put_global(host, sharding.data_shardings(host, mesh))
     state = distributed.put_global(jax.device_get(rig.initial_state(optimizer)),
                                    sharding.replicated(mesh))
-    step = parallel_step.make_sharded_step(objective, optimizer, mesh, host)
+    step = sharded_step.make_sharded_step(objective, optimizer, mesh, host)
     for k, v in rig.run_steps(step, state, data).items():
       results[f'{spec}/{k}'] = v
     # Each device holds only its block of the caches (and its kv heads, when model > 1).

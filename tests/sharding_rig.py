@@ -14,10 +14,12 @@ import numpy as np
 import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from tokenspace_jax import classifier, descent, shard_layout
+from tokenspace_jax.classifier import prefix
+from tokenspace_jax.classifier.objective import LossWeights, Objective
+from tokenspace_jax.engine import descent
 from tokenspace_jax.models import Llama, LlamaConfig
 from tokenspace_jax.models.loading.param_mapping import abstract_params
-from tokenspace_jax.objective import LossWeights, Objective
+from tokenspace_jax.parallel import shard_layout
 
 # Every axis the model mesh axis splits (vocab 96, heads 4, kv heads 2, MLP 64) is even.
 TINY = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -70,7 +72,7 @@ def _base_problem(model, params):
     for i in range(N_EXAMPLES):  # left padding of different lengths
       mask[i, :rng.integers(0, 4)] = False
     _BASE['targets'] = rng.permutation(np.arange(N_EXAMPLES) % 2).astype(np.float32)
-    caches = classifier.prefix_caches(model, params, np.zeros(0, np.int32), ids, mask,
+    caches = prefix.prefix_caches(model, params, np.zeros(0, np.int32), ids, mask,
                                       chunk=N_EXAMPLES)
     _BASE['caches'] = jax.tree.map(np.asarray, caches)
   return _BASE['caches'], _BASE['targets']
@@ -80,7 +82,7 @@ def host_problem(model, params, data_shards: int):
   """(DescentData of numpy arrays with a local-slot schedule, its layout), for ``data_shards``."""
   caches, targets = _base_problem(model, params)
   layout = shard_layout.layout_examples(targets, N_TRAIN, data_shards)
-  caches = classifier.PrefixCaches(
+  caches = prefix.PrefixCaches(
       k=layout.arrange(caches.k, 1), v=layout.arrange(caches.v, 1),
       valid=layout.arrange(caches.valid), log_prior=layout.arrange(caches.log_prior))
   train = ~layout.padding & (layout.order < N_TRAIN)

@@ -21,10 +21,12 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from tokenspace_jax import batch, classifier, config_defaults, descent, labeling, stacked_step
+from tokenspace_jax import batch, config_defaults, labeling, stacked_step
+from tokenspace_jax.classifier import prefix
+from tokenspace_jax.classifier.objective import LossWeights, Objective
+from tokenspace_jax.engine import descent
 from tokenspace_jax.features.synthetic_records import synthetic_records
 from tokenspace_jax.models import Llama, LlamaConfig, load_model
-from tokenspace_jax.objective import LossWeights, Objective
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FEATURES = ('animal', 'number', 'mammal', 'chinese')
@@ -50,7 +52,7 @@ def _pool(n=16, width=10, shared=3):
   valid = np.ones((n, width), bool)
   for i in range(n):
     valid[i, :rng.integers(0, 4)] = False
-  caches = classifier.PrefixCaches(
+  caches = prefix.PrefixCaches(
       k=jnp.asarray(rng.normal(size=kv), jnp.float32), v=jnp.asarray(rng.normal(size=kv),
                                                                      jnp.float32),
       valid=jnp.asarray(valid),

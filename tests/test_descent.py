@@ -9,11 +9,13 @@ import optax
 import pytest
 from ml_collections import ConfigDict
 
-from tokenspace_jax import classifier, descent, sweep
-from tokenspace_jax import label as label_lib
-from tokenspace_jax.evaluate import auroc
+from tokenspace_jax import sweep
+from tokenspace_jax.classifier import label as label_lib
+from tokenspace_jax.classifier import prefix
+from tokenspace_jax.classifier.objective import LossWeights, Objective
+from tokenspace_jax.engine import descent
+from tokenspace_jax.engine.scoring import auroc
 from tokenspace_jax.models import Llama, LlamaConfig
-from tokenspace_jax.objective import LossWeights, Objective
 
 TINY = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                    num_kv_heads=2, head_dim=8, rope_theta=10000.0, tie_word_embeddings=False)
@@ -43,7 +45,7 @@ def _prefixes(n=12, width=10, seed=0):
 
 def _data(model, params, targets, schedule, tail=(7, 8, 9)):
   ids, mask = _prefixes(len(targets))
-  caches = classifier.prefix_caches(model, params, SHARED, ids, mask, chunk=4)
+  caches = prefix.prefix_caches(model, params, SHARED, ids, mask, chunk=4)
   return descent.DescentData(
       params=params, caches=caches, targets=jnp.asarray(targets, jnp.float32),
       schedule=jnp.asarray(schedule, jnp.int32), tail_ids=jnp.asarray(tail, jnp.int32),
@@ -84,14 +86,14 @@ def test_cached_tail_equals_full_prompt():
   """The answer from [cached prefix | label | tail] equals one uncached pass over all of it."""
   model, params = _tiny()
   ids, mask = _prefixes(6)
-  caches = classifier.prefix_caches(model, params, SHARED, ids, mask, chunk=4)
+  caches = prefix.prefix_caches(model, params, SHARED, ids, mask, chunk=4)
   rng = np.random.default_rng(0)
   p = jax.nn.softmax(jnp.asarray(rng.normal(size=(1, TINY.vocab_size)) * 3))
   emb = p @ params['embed']
   tail = jnp.asarray([7, 8, 9], jnp.int32)
   answers = jnp.asarray([YES, NO], jnp.int32)
   for full_vocab in (True, False):
-    cached = classifier.answer_log_probs(model, params, caches.take(jnp.arange(6)), emb, tail,
+    cached = prefix.answer_log_probs(model, params, caches.take(jnp.arange(6)), emb, tail,
                                          answers, jnp.asarray(0.0), full_vocab)
     x = jnp.concatenate([jnp.broadcast_to(params['embed'][SHARED], (6, 4, 32)),
                          params['embed'][ids], jnp.broadcast_to(emb, (6, 1, 32)),
@@ -123,13 +125,13 @@ def test_planted_label_is_found():
   model, params = _tiny(seed=1)
   n = 48
   ids, mask = _prefixes(n, seed=5)
-  caches = classifier.prefix_caches(model, params, np.zeros(0, np.int32), ids, mask, chunk=16)
+  caches = prefix.prefix_caches(model, params, np.zeros(0, np.int32), ids, mask, chunk=16)
   tail = jnp.asarray([7, 8, 9], jnp.int32)
 
   @jax.jit
   @jax.vmap
   def margin(embedding):
-    lp = classifier.answer_log_probs(model, params, caches.take(jnp.arange(n)), embedding[None],
+    lp = prefix.answer_log_probs(model, params, caches.take(jnp.arange(n)), embedding[None],
                                      tail, jnp.asarray([YES, NO]), jnp.asarray(0.0), False)
     return lp[:, 0] - lp[:, 1]
 
@@ -196,7 +198,7 @@ def test_planted_two_token_label_is_found():
   params = jax.tree.map(lambda x: x / 8 if x.ndim > 1 else x, params)
   n = 48
   ids, mask = _prefixes(n, seed=7)
-  caches = classifier.prefix_caches(model, params, np.zeros(0, np.int32), ids, mask, chunk=16)
+  caches = prefix.prefix_caches(model, params, np.zeros(0, np.int32), ids, mask, chunk=16)
   tail = jnp.asarray([7, 8, 9], jnp.int32)
   answers = jnp.asarray([YES, NO], jnp.int32)
   candidates = np.random.default_rng(0).choice(np.arange(5, TINY.vocab_size), 12, replace=False)
@@ -206,7 +208,7 @@ def test_planted_two_token_label_is_found():
   @jax.jit
   @jax.vmap
   def margin(pair):
-    lp = classifier.answer_log_probs(model, params, caches.take(jnp.arange(n)),
+    lp = prefix.answer_log_probs(model, params, caches.take(jnp.arange(n)),
                                      params['embed'][pair], tail, answers, jnp.asarray(0.0), False)
     return lp[:, 0] - lp[:, 1]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tokenspace_jax.evaluate import LabelScore, auroc, verdict
+from tokenspace_jax.engine.scoring import LabelScore, auroc, verdict
 
 
 def _scores(found, reference, randoms):

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from tokenspace_jax import config_defaults, labeling
-from tokenspace_jax.checkpoint import Checkpointer
 from tokenspace_jax.features import FeatureError
 from tokenspace_jax.models import load_model
+from tokenspace_jax.outputs.checkpoint import Checkpointer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -13,10 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from tokenspace_jax import classifier, descent
-from tokenspace_jax import label as label_lib
+from tokenspace_jax.classifier import label as label_lib
+from tokenspace_jax.classifier import prefix
+from tokenspace_jax.classifier.objective import LossWeights, Objective
+from tokenspace_jax.engine import descent
 from tokenspace_jax.models import Llama, LlamaConfig
-from tokenspace_jax.objective import LossWeights, Objective
 
 TINY = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                    num_kv_heads=2, head_dim=8, rope_theta=10000.0, tie_word_embeddings=False)
@@ -31,7 +32,7 @@ def _problem(full_vocab: bool = True):
   ids = rng.integers(5, TINY.vocab_size, (n, 8)).astype(np.int32)
   mask = np.ones(ids.shape, bool)
   mask[:, :2] = rng.random((n, 2)) < 0.5
-  caches = classifier.prefix_caches(model, params, SHARED, ids, mask, chunk=4)
+  caches = prefix.prefix_caches(model, params, SHARED, ids, mask, chunk=4)
   data = descent.DescentData(
       params=params, caches=caches, targets=jnp.asarray(np.arange(n) % 2, jnp.float32),
       schedule=jnp.asarray(rng.integers(0, n, (steps, batch)), jnp.int32),

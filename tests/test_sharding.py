@@ -22,10 +22,11 @@ import sharding_rig as rig
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
-from tokenspace_jax import descent, distributed, parallel_step, shard_layout, sharding
+from tokenspace_jax.engine import descent
 from tokenspace_jax.models.config import PRESETS
 from tokenspace_jax.models.llama import Llama
 from tokenspace_jax.models.loading.param_mapping import abstract_params
+from tokenspace_jax.parallel import distributed, shard_layout, sharded_step, sharding
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOL = 1e-5
@@ -117,7 +118,7 @@ def test_one_device_mesh_reproduces_make_step_exactly():
   mesh = sharding.make_mesh(data=1, model=1)
   sharded = distributed.put_global(host, sharding.data_shardings(host, mesh))
   state = jax.device_put(rig.initial_state(optimizer), sharding.replicated(mesh))
-  step = parallel_step.make_sharded_step(objective, optimizer, mesh, host)
+  step = sharded_step.make_sharded_step(objective, optimizer, mesh, host)
   got = rig.run_steps(step, state, sharded)
   for k, v in expected.items():
     np.testing.assert_allclose(got[k], v, rtol=0, atol=1e-6, err_msg=k)
@@ -237,16 +238,16 @@ def test_two_processes_match_one_process(children):
 
 def test_prefix_caches_written_into_sharded_buffers_equal_the_concatenated_ones():
   """The placed pass writes chunks (the last one partial) into preallocated buffers."""
-  from tokenspace_jax import classifier
+  from tokenspace_jax.classifier import prefix
   model, params = rig.tiny_model()
   rng = np.random.default_rng(1)
   ids = rng.integers(5, rig.TINY.vocab_size, (11, 6)).astype(np.int32)
   mask = np.ones(ids.shape, bool)
   mask[::3, :2] = False
   shared = np.asarray([9, 10, 11], np.int32)
-  plain = classifier.prefix_caches(model, params, shared, ids, mask, chunk=4)
+  plain = prefix.prefix_caches(model, params, shared, ids, mask, chunk=4)
   mesh = sharding.make_mesh(data=1, model=1)
-  placed = classifier.prefix_caches(model, params, shared, ids, mask, chunk=4,
+  placed = prefix.prefix_caches(model, params, shared, ids, mask, chunk=4,
                                     out_shardings=lambda a: sharding.cache_shardings(a, mesh))
   assert placed.k.sharding == jax.sharding.NamedSharding(mesh, P(None, 'data', None, 'model',
                                                                   None))

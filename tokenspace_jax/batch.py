@@ -39,13 +39,15 @@ import numpy as np
 from absl import app
 from ml_collections import ConfigDict
 
-from tokenspace_jax import descent, evaluate, feature_group, group_eval, labeling, prompts
-from tokenspace_jax import label as label_lib
+from tokenspace_jax import feature_group, group_eval, labeling
 from tokenspace_jax import main as single
-from tokenspace_jax.checkpoint import Checkpointer, StopFlag
+from tokenspace_jax.classifier import label as label_lib
+from tokenspace_jax.classifier import prompts
+from tokenspace_jax.engine import descent, scoring
 from tokenspace_jax.features.grouped_records import read_grouped_records
-from tokenspace_jax.labels_file import LabelsFile
 from tokenspace_jax.models import LoadedModel, load_model
+from tokenspace_jax.outputs.checkpoint import Checkpointer, StopFlag
+from tokenspace_jax.outputs.labels_file import LabelsFile
 from tokenspace_jax.stacked_step import init_stacked_state, make_stacked_step, stack
 
 log = logging.getLogger('tokenspace_jax')
@@ -88,7 +90,7 @@ class _Job:
   random_ids: list
   labels: LabelsFile
   stop: StopFlag
-  scorer: evaluate.LabelScorer | None = None
+  scorer: scoring.LabelScorer | None = None
 
 
 def run(config: ConfigDict, workdir: str, lm: LoadedModel | None = None) -> dict:
@@ -124,7 +126,7 @@ def run(config: ConfigDict, workdir: str, lm: LoadedModel | None = None) -> dict
                  template=prompts.template_from_config(config.prompt), allowed=allowed,
                  optimizer=optimizer,
                  step=make_stacked_step(labeling.make_objective(config, lm), optimizer),
-                 random_ids=evaluate.random_label_tokens(allowed, lm.tokenizer,
+                 random_ids=scoring.random_label_tokens(allowed, lm.tokenizer,
                                                          config.eval.num_random, config.seed),
                  labels=labels, stop=stop)
       for index, (ids, features) in enumerate(groups):
@@ -243,7 +245,7 @@ def _descend(job: _Job, group, state: dict, ckpt: Checkpointer, name: str) -> di
 
 def _write_lines(job: _Job, group: feature_group.FeatureGroup, state: dict):
   if job.scorer is None:
-    job.scorer = evaluate.LabelScorer(job.lm.model, job.lm.params, group.data.caches,
+    job.scorer = scoring.LabelScorer(job.lm.model, job.lm.params, group.data.caches,
                                       group.data.tail_ids, group.data.answer_ids,
                                       job.config.loss.answer == 'full', job.config.eval.batch_size)
   job.scorer.caches = group.data.caches  # the margins are jitted once, for every group's pool

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from tokenspace_jax import classifier, descent, prompts
+from tokenspace_jax.classifier import prefix, prompts
+from tokenspace_jax.engine import descent
 from tokenspace_jax.features import BalancedSampler, Feature
 from tokenspace_jax.labeling import _capped
 from tokenspace_jax.models import LoadedModel
@@ -62,7 +63,7 @@ def prepare_group(config: ConfigDict, lm: LoadedModel, template: prompts.PromptT
     heldout_idx.append(np.arange(start + len(train), start + len(train) + len(heldout)))
     pool += train + heldout
   enc = prompts.encode_prompts(template, lm.tokenizer, [(e.text, e.word) for e in pool])
-  caches = classifier.prefix_caches(lm.model, lm.params, enc.shared_ids, enc.prefix_ids,
+  caches = prefix.prefix_caches(lm.model, lm.params, enc.shared_ids, enc.prefix_ids,
                                     enc.prefix_mask, chunk=config.eval.batch_size)
   size = pool_capacity(config)
   if size < len(pool):  # uncapped splits: round up, so similar groups still share a shape
@@ -81,7 +82,7 @@ def prepare_group(config: ConfigDict, lm: LoadedModel, template: prompts.PromptT
                       train_idx=train_idx, heldout_idx=heldout_idx, targets=targets)
 
 
-def pad_pool(caches: classifier.PrefixCaches, examples: int) -> classifier.PrefixCaches:
+def pad_pool(caches: prefix.PrefixCaches, examples: int) -> prefix.PrefixCaches:
   """``caches`` with empty examples appended up to ``examples`` (never scheduled nor scored)."""
   extra = examples - caches.valid.shape[0]
   if extra == 0:

@@ -2,7 +2,7 @@
 
 The scoring is a single run's (``labeling._finish``): the found token, the feature's reference
 word and a few random tokens are scored alike, with thresholds fitted on training examples, and
-``evaluate.verdict`` says whether the label matters at all. One scorer serves every group (its
+``scoring.verdict`` says whether the label matters at all. One scorer serves every group (its
 pool is swapped in), so its jitted margins are compiled once for the job.
 """
 
@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 from ml_collections import ConfigDict
 
-from tokenspace_jax import evaluate, prompts
-from tokenspace_jax import label as label_lib
+from tokenspace_jax.classifier import label as label_lib
+from tokenspace_jax.classifier import prompts
+from tokenspace_jax.engine import scoring
 from tokenspace_jax.feature_group import FeatureGroup
 from tokenspace_jax.labeling import _stratified_pick
 
@@ -33,7 +34,7 @@ def reference_token(tokenizer, template: prompts.PromptTemplate, word: str):
 
 
 def feature_line(config: ConfigDict, tokenizer, template: prompts.PromptTemplate,
-                 scorer: evaluate.LabelScorer, group: FeatureGroup, row: int, label: dict,
+                 scorer: scoring.LabelScorer, group: FeatureGroup, row: int, label: dict,
                  random_ids: list[int]) -> dict:
   """The result of row ``row`` of ``group``, whose final label is ``label`` ([1, V] logits)."""
   feature = group.features[row]
@@ -51,7 +52,7 @@ def feature_line(config: ConfigDict, tokenizer, template: prompts.PromptTemplate
   candidates += [(i, tokenizer.decode([i]), 'random') for i in random_ids]
   scores = [scorer.score(i, s, role, calib, group.targets[calib], heldout, group.targets[heldout])
             for i, s, role in candidates]
-  verdict = evaluate.verdict(scores)
+  verdict = scoring.verdict(scores)
   by_role = lambda role: [s.auroc for s in scores if s.role == role]
   return {
       'feature_id': group.feature_ids[row], 'label': found_token, 'token_id': found_id,

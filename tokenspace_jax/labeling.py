@@ -19,19 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from tokenspace_jax import (
-  classifier,
-  descent,
-  distributed,
-  evaluate,
-  parallel_step,
-  prompts,
-  report,
-  shard_layout,
-  sharding,
-)
-from tokenspace_jax import label as label_lib
-from tokenspace_jax.checkpoint import Checkpointer, StopFlag
+from tokenspace_jax.classifier import label as label_lib
+from tokenspace_jax.classifier import prefix, prompts
+from tokenspace_jax.classifier.objective import LossWeights, Objective
+from tokenspace_jax.engine import descent, scoring
 from tokenspace_jax.features import (
   SYNTHETIC_FEATURES,
   BalancedSampler,
@@ -43,7 +34,9 @@ from tokenspace_jax.features import (
 )
 from tokenspace_jax.models import LoadedModel, load_model
 from tokenspace_jax.models.loading.param_mapping import abstract_params
-from tokenspace_jax.objective import LossWeights, Objective
+from tokenspace_jax.outputs import report
+from tokenspace_jax.outputs.checkpoint import Checkpointer, StopFlag
+from tokenspace_jax.parallel import distributed, shard_layout, sharded_step, sharding
 
 log = logging.getLogger('tokenspace_jax')
 
@@ -194,7 +187,7 @@ def prepare(config: ConfigDict, lm: LoadedModel, mesh: jax.sharding.Mesh | None 
   # On a mesh each device holds only its block of the caches, written there chunk by chunk.
   placement = ((lambda abstract: sharding.cache_shardings(abstract, mesh))
                if mesh is not None and mesh.size > 1 else None)
-  caches = classifier.prefix_caches(lm.model, lm.params, enc.shared_ids, enc.prefix_ids,
+  caches = prefix.prefix_caches(lm.model, lm.params, enc.shared_ids, enc.prefix_ids,
                                     enc.prefix_mask, chunk=config.eval.batch_size,
                                     out_shardings=placement)
   allowed = (label_lib.allowed_tokens(lm.tokenizer, lm.config.vocab_size)
@@ -327,7 +320,7 @@ def run(config: ConfigDict, workdir: str, lm: LoadedModel | None = None,
   optimizer = descent.make_optimizer(config.optim)
   state = descent.init_state(initial_label(config, lm, prep), optimizer)
   if on_mesh:
-    step_fn = parallel_step.make_sharded_step(objective, optimizer, mesh, prep.data)
+    step_fn = sharded_step.make_sharded_step(objective, optimizer, mesh, prep.data)
     state = jax.device_put(state, sharding.replicated(mesh))
   else:
     step_fn = descent.make_step(objective, optimizer)
@@ -435,7 +428,7 @@ def baseline_labels(config: ConfigDict, tok, prep: Prepared, k: int) -> list[tup
         continue
     else:
       log.warning('Reference word %r is not a single token; not scored.', ref_word)
-  randoms = evaluate.random_label_tokens(prep.allowed, tok, config.eval.num_random * k,
+  randoms = scoring.random_label_tokens(prep.allowed, tok, config.eval.num_random * k,
                                          config.seed)
   for j in range(0, len(randoms) - k + 1, k):
     ids = randoms[j:j + k]
@@ -458,7 +451,7 @@ def _finish(config, lm, prep, loop, records, workdir, wall_seconds) -> dict:
   else:
     found_id, found_token, found_p = top[0]
 
-  scorer = evaluate.LabelScorer(lm.model, lm.params, prep.data.caches, prep.data.tail_ids,
+  scorer = scoring.LabelScorer(lm.model, lm.params, prep.data.caches, prep.data.tail_ids,
                                 prep.data.answer_ids, config.loss.answer == 'full',
                                 config.eval.batch_size)
   # Examples are picked by example index and scored at their slots in the caches.
@@ -469,7 +462,7 @@ def _finish(config, lm, prep, loop, records, workdir, wall_seconds) -> dict:
   labels = [(found_id, found_token, 'found')] + baseline_labels(config, tok, prep, p.shape[0])
   scores = [scorer.score(i, s, role, slot[calib], targets[calib], slot[held], targets[held])
             for i, s, role in labels]
-  verdict = evaluate.verdict(scores)
+  verdict = scoring.verdict(scores)
   steps_done = int(state['step'])
   p90 = next((r['step'] for r in records if confidence(r) >= 0.9), None)
   last = records[-1] if records else {}

@@ -13,12 +13,13 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from tokenspace_jax import distributed, labeling, sweep
+from tokenspace_jax import labeling, sweep
+from tokenspace_jax.classifier.label import LabelError
+from tokenspace_jax.classifier.prompts import PromptError
 from tokenspace_jax.features import FeatureError
-from tokenspace_jax.label import LabelError
 from tokenspace_jax.models import ModelLoadError, UnsupportedConfigError
 from tokenspace_jax.models.default import DefaultModelMissingError
-from tokenspace_jax.prompts import PromptError
+from tokenspace_jax.parallel import distributed
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
                                           lock_config=True)

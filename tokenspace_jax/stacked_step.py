@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tokenspace_jax import descent
-from tokenspace_jax.objective import Objective
+from tokenspace_jax.classifier.objective import Objective
+from tokenspace_jax.engine import descent
 
 # What varies per row in DescentData; everything else is broadcast (None in vmap's in_axes marks
 # a whole subtree, such as the weights or the caches, as shared).

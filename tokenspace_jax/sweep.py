@@ -33,10 +33,12 @@ import numpy as np
 import optax
 from ml_collections import ConfigDict
 
-from tokenspace_jax import descent, evaluate, labeling, report
-from tokenspace_jax.checkpoint import Checkpointer, StopFlag
+from tokenspace_jax import labeling
+from tokenspace_jax.classifier.objective import Objective
+from tokenspace_jax.engine import descent, scoring
 from tokenspace_jax.models import LoadedModel, load_model
-from tokenspace_jax.objective import Objective
+from tokenspace_jax.outputs import report
+from tokenspace_jax.outputs.checkpoint import Checkpointer, StopFlag
 
 log = logging.getLogger('tokenspace_jax')
 
@@ -217,7 +219,7 @@ def _finish(config, lm, prep, specs, state, records) -> dict:
   logits = np.asarray(state['rows']['label']['logits'])  # [R, K, V]
   allowed = np.asarray(prep.data.allowed)
   p = np.asarray(jax.nn.softmax(np.where(allowed, logits / config.label.temperature, -1e9), -1))
-  scorer = evaluate.LabelScorer(lm.model, lm.params, prep.data.caches, prep.data.tail_ids,
+  scorer = scoring.LabelScorer(lm.model, lm.params, prep.data.caches, prep.data.tail_ids,
                                 prep.data.answer_ids, config.loss.answer == 'full',
                                 config.eval.batch_size)
   targets, slot = prep.targets, prep.layout.slot_of()
@@ -250,7 +252,7 @@ def _finish(config, lm, prep, specs, state, records) -> dict:
           'agreement': dict(sorted(agreement.items(), key=lambda kv: -len(kv[1]))),
           'best_row': best['row'], 'best_label': best['label'],
           'baselines': [s.as_dict() for s in baselines],
-          'verdict': evaluate.verdict([scored[tuple(best['token_ids'])]] + baselines),
+          'verdict': scoring.verdict([scored[tuple(best['token_ids'])]] + baselines),
           'config': json.loads(config.to_json())}
 
 

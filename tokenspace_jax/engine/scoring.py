@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokenspace_jax import classifier
+from tokenspace_jax.classifier import prefix
 from tokenspace_jax.models.llama import Llama
 
 IDENTIFIABILITY_MARGIN = 0.05
@@ -65,7 +65,7 @@ class LabelScorer:
   """Yes/no margins of fixed labels (one token, or a sequence filling a multi-token slot),
   over examples given by index."""
 
-  def __init__(self, model: Llama, params, caches: classifier.PrefixCaches, tail_ids, answer_ids,
+  def __init__(self, model: Llama, params, caches: prefix.PrefixCaches, tail_ids, answer_ids,
                full_vocab: bool, batch_size: int = 32):
     self.model, self.params, self.caches = model, params, caches
     self.tail_ids, self.answer_ids = jnp.asarray(tail_ids), jnp.asarray(answer_ids)
@@ -76,7 +76,7 @@ class LabelScorer:
     @jax.jit
     def run(params, caches, idx, token_ids, tail_ids, answer_ids):
       emb = params['embed'][token_ids]  # [K, hidden]: one compilation per label length
-      lp = classifier.answer_log_probs(self.model, params, caches.take(idx), emb, tail_ids,
+      lp = prefix.answer_log_probs(self.model, params, caches.take(idx), emb, tail_ids,
                                        answer_ids, jnp.zeros(()), self.full_vocab)
       return lp[:, 0] - lp[:, 1]
     return run

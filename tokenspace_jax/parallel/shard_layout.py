@@ -22,7 +22,7 @@ import dataclasses
 
 import numpy as np
 
-from tokenspace_jax import descent
+from tokenspace_jax.engine import descent
 
 
 class LayoutError(ValueError):

@@ -24,9 +24,10 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from tokenspace_jax import descent, sharding
-from tokenspace_jax.descent import DescentData
-from tokenspace_jax.objective import Objective
+from tokenspace_jax.classifier.objective import Objective
+from tokenspace_jax.engine import descent
+from tokenspace_jax.engine.descent import DescentData
+from tokenspace_jax.parallel import sharding
 
 
 @dataclasses.dataclass(frozen=True)

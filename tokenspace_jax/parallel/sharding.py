@@ -27,8 +27,8 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tokenspace_jax.classifier import PrefixCaches
-from tokenspace_jax.descent import DescentData
+from tokenspace_jax.classifier.prefix import PrefixCaches
+from tokenspace_jax.engine.descent import DescentData
 
 log = logging.getLogger('tokenspace_jax')
 

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tokenspace_jax.classifier import PrefixCaches
-from tokenspace_jax.objective import Objective
+from tokenspace_jax.classifier.objective import Objective
+from tokenspace_jax.classifier.prefix import PrefixCaches
 
 
 class DescentData(flax.struct.PyTreeNode):

@@ -20,8 +20,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from tokenspace_jax import classifier
-from tokenspace_jax.label import _DISALLOWED
+from tokenspace_jax.classifier import prefix
+from tokenspace_jax.classifier.label import _DISALLOWED
 from tokenspace_jax.models.llama import Llama
 
 
@@ -51,7 +51,7 @@ class Objective:
     logits = jnp.where(allowed, label['logits'] / self.temperature, _DISALLOWED)
     return jax.nn.log_softmax(logits, axis=-1)
 
-  def __call__(self, label: dict, params, caches: classifier.PrefixCaches, idx: jax.Array,
+  def __call__(self, label: dict, params, caches: prefix.PrefixCaches, idx: jax.Array,
                targets: jax.Array, tail_ids: jax.Array, answer_ids: jax.Array,
                allowed: jax.Array, mean_log_prior: jax.Array, step: jax.Array):
     """Total loss and its terms for the examples ``idx`` (targets in {0, 1})."""
@@ -60,7 +60,7 @@ class Objective:
     # One embedding lookup per step, shared by the whole batch.
     embedding = p @ params['embed'].astype(p.dtype)
     bias = label['answer_bias'] if self.learn_answer_bias else jnp.zeros(())
-    lp = classifier.answer_log_probs(
+    lp = prefix.answer_log_probs(
         self.model, params, caches.take(idx), embedding.astype(self.model.dtype), tail_ids,
         answer_ids, bias, self.full_vocab_answer)
     ce = -jnp.mean(targets * lp[:, 0] + (1 - targets) * lp[:, 1])
@@ -68,8 +68,8 @@ class Objective:
     # The prior of the first position: the model's distribution at the slot (precomputed).
     log_q = mean_log_prior[None]
     if p.shape[0] > 1:
-      prefix = jnp.argmax(log_p[:-1], axis=-1)
-      later = classifier.label_prefix_log_priors(self.model, params, caches.take(idx), prefix)
+      label_prefix = jnp.argmax(log_p[:-1], axis=-1)
+      later = prefix.label_prefix_log_priors(self.model, params, caches.take(idx), label_prefix)
       log_q = jnp.concatenate([log_q, jax.lax.stop_gradient(later.mean(axis=0))], axis=0)
     kl = jnp.mean(jnp.sum(p * (log_p - log_q), axis=-1))
     w_entropy = self.weights.entropy_at(step)

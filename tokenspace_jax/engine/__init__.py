@@ -1,0 +1,1 @@
+"""The labeling engine: F features x R label rows in one pool, one step, one loop, one scorer."""

@@ -1,0 +1,1 @@
+"""What a run leaves on disk: checkpoints, the trajectory, result files, labels files, exports."""
