@@ -30,7 +30,9 @@ class Example:
   ``activation`` keeps the raw value so thresholds can be revisited without reloading, while
   ``target`` is what training uses. ``hard_negative`` marks deliberately confusable negatives so
   evaluations can report how a label does on exactly the cases that separate good labels from
-  merely plausible ones.
+  merely plausible ones. ``window`` numbers the text the example came from (a record's window,
+  a synthetic sentence), unique within a feature, so a scorer can also ask the question SAE
+  tools ask of a whole text: does this window hold a positive?
   """
 
   text: str
@@ -39,6 +41,7 @@ class Example:
   target: float
   activation: float
   hard_negative: bool = False
+  window: int = 0
 
   @property
   def word(self) -> str:
@@ -50,7 +53,10 @@ class Feature:
   """A feature to label: its examples, split once so held-out scores mean something.
 
   ``reference_word`` is the human label, kept so experiments can check whether the optimized
-  label recovers it; it is never shown to the optimizer.
+  label recovers it; it is never shown to the optimizer. ``meta`` carries what the records said
+  about the feature beyond its examples: ``source`` (the tool's own name for it, so exports can
+  address it there) and ``explanation`` (a tool's sentence describing it, which is not a word
+  and so not a reference word).
   """
 
   name: str
@@ -58,3 +64,4 @@ class Feature:
   train: tuple[Example, ...]
   heldout: tuple[Example, ...]
   description: str = ''
+  meta: dict = dataclasses.field(default_factory=dict, hash=False)

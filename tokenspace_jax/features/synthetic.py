@@ -153,9 +153,11 @@ def _sentence_examples(name: str, lineno: int, row: dict, negatives: str) -> lis
     seed = zlib.crc32(f'{name}:{lineno}'.encode())
     chosen_easy = _pick_ordinary(text, ordinary, budget, seed)
 
-  examples = [Example(text, s, e, 1.0, 1.0) for s, e in positive]
-  examples += [Example(text, s, e, 0.0, 0.0, hard_negative=True) for s, e in chosen_hard]
-  examples += [Example(text, s, e, 0.0, 0.0) for s, e in chosen_easy]
+  window = lineno - 1  # One window per sentence: the scorer's unit for "does it hold a positive".
+  examples = [Example(text, s, e, 1.0, 1.0, window=window) for s, e in positive]
+  examples += [Example(text, s, e, 0.0, 0.0, hard_negative=True, window=window)
+               for s, e in chosen_hard]
+  examples += [Example(text, s, e, 0.0, 0.0, window=window) for s, e in chosen_easy]
   return sorted(examples, key=lambda ex: (ex.start, ex.end))
 
 
