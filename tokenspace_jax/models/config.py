@@ -1,4 +1,5 @@
-"""Llama architecture hyperparameters, and the refusal of anything we do not implement.
+"""Llama-family hyperparameters (Llama, and Qwen2 as Llama with biased Q/K/V), and the refusal of
+anything we do not implement.
 
 A config that silently drops an attribute which changes the math (a bias, another activation,
 another RoPE variant) would give a model that loads, runs and is quietly wrong. So parsing is
@@ -43,6 +44,8 @@ class LlamaConfig:
   rope_freq_factors: tuple[float, ...] | None = None
   tie_word_embeddings: bool = False
   max_position_embeddings: int = 8192
+  # Qwen2: the Q, K and V projections add a bias (before RoPE); O and the MLP stay unbiased.
+  qkv_bias: bool = False
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -59,7 +62,8 @@ class LlamaConfig:
   def num_params(self) -> int:
     d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
     attn = d * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
-    per_layer = attn + 3 * d * f + 2 * d
+    biases = self.head_dim * (self.num_heads + 2 * self.num_kv_heads) if self.qkv_bias else 0
+    per_layer = attn + biases + 3 * d * f + 2 * d
     head = 0 if self.tie_word_embeddings else d * v
     return v * d + self.num_layers * per_layer + d + head
 
@@ -81,17 +85,38 @@ _IRRELEVANT_HF_KEYS = frozenset({
     'forced_bos_token_id', 'forced_eos_token_id', 'remove_invalid_values',
     'exponential_decay_length_penalty', 'suppress_tokens', 'begin_suppress_tokens',
     'typical_p', 'diversity_penalty', 'num_beam_groups', 'encoder_no_repeat_ngram_size',
-    'transformers.js_config', 'auto_map', 'max_window_layers', 'use_sliding_window',
+    'transformers.js_config', 'auto_map',
 })
 
-# pretraining_tp > 1 only changes how the original checkpoint was sliced, not the math.
-_BENIGN_IF = {
-    'pretraining_tp': lambda v: True,
-    'attention_bias': lambda v: v is False,
-    'mlp_bias': lambda v: v is False,
-    'hidden_act': lambda v: v == 'silu',
-    'sliding_window': lambda v: v is None,
+# Keys that are fine at some values and change the math at others: key -> (accepted?, why not).
+_Check = tuple[Any, str]
+_NOT_IMPLEMENTED = 'is not implemented by this Llama model.'
+_FULL_ATTENTION_ONLY = ('is not implemented: every layer here attends to the whole context, so a '
+                        'sliding-window model would be computed wrongly past its window. Only '
+                        'full-attention checkpoints can be loaded.')
+_BENIGN_IF: dict[str, _Check] = {
+    'hidden_act': (lambda v: v == 'silu', _NOT_IMPLEMENTED),
+    'use_sliding_window': (lambda v: not v, _FULL_ATTENTION_ONLY),
+    # The number of full-attention layers before sliding ones start: read only with
+    # use_sliding_window, which is refused above.
+    'max_window_layers': (lambda v: True, ''),
+    'layer_types': (lambda v: v is None or all(t == 'full_attention' for t in v),
+                    _FULL_ATTENTION_ONLY),
 }
+_BENIGN_IF_BY_TYPE: dict[str, dict[str, _Check]] = {
+    'llama': {
+        # pretraining_tp > 1 only changes how the original checkpoint was sliced, not the math.
+        'pretraining_tp': (lambda v: True, ''),
+        'attention_bias': (lambda v: v is False, _NOT_IMPLEMENTED),
+        'mlp_bias': (lambda v: v is False, _NOT_IMPLEMENTED),
+        'sliding_window': (lambda v: v is None, _FULL_ATTENTION_ONLY),
+    },
+    # transformers' Qwen2Config drops sliding_window unless use_sliding_window is set (refused),
+    # and the shipped Qwen2.5 configs carry a window size next to use_sliding_window=false.
+    'qwen2': {'sliding_window': (lambda v: True, '')},
+}
+# model_type -> (the one architecture class, whether its Q/K/V projections are biased).
+_ARCHITECTURES = {'llama': ('LlamaForCausalLM', False), 'qwen2': ('Qwen2ForCausalLM', True)}
 
 
 def _parse_rope(rope: dict[str, Any] | None,
@@ -134,25 +159,32 @@ def config_from_hf_dict(d: dict[str, Any], *, strict: bool = True) -> LlamaConfi
   """
   d = dict(d)
   model_type = d.get('model_type', 'llama')
-  if model_type != 'llama':
+  if model_type not in _ARCHITECTURES:
     raise UnsupportedConfigError(
-        f'model_type is "{model_type}", but only Llama-architecture models ("llama") are '
-        'supported.')
-  archs = d.get('architectures') or ['LlamaForCausalLM']
-  if any(a != 'LlamaForCausalLM' for a in archs):
-    raise UnsupportedConfigError(f'architectures {archs} are not LlamaForCausalLM.')
+        f'model_type is "{model_type}", but only Llama-architecture models '
+        f'({", ".join(map(repr, _ARCHITECTURES))}) are supported.')
+  arch, qkv_bias = _ARCHITECTURES[model_type]
+  archs = d.get('architectures') or [arch]
+  if any(a != arch for a in archs):
+    raise UnsupportedConfigError(f'architectures {archs} are not {arch} (model_type '
+                                 f'"{model_type}").')
   required = ['vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers',
               'num_attention_heads']
   missing = [k for k in required if k not in d]
   if missing:
     raise UnsupportedConfigError(f'config is missing required keys {missing}.')
-  for key, ok in _BENIGN_IF.items():
+  benign = {**_BENIGN_IF, **_BENIGN_IF_BY_TYPE[model_type]}
+  for key, (ok, why) in benign.items():
     if key in d and not ok(d[key]):
-      raise UnsupportedConfigError(f'{key}={d[key]!r} is not implemented by this Llama model.')
+      raise UnsupportedConfigError(f'{key}={d[key]!r} {why}')
+  layer_types = d.get('layer_types')
+  if layer_types is not None and len(layer_types) != d['num_hidden_layers']:
+    raise UnsupportedConfigError(f'layer_types lists {len(layer_types)} layers but '
+                                 f'num_hidden_layers={d["num_hidden_layers"]}.')
   rope = d.get('rope_parameters') or d.get('rope_scaling')
   theta, scaling = _parse_rope(rope, d.get('rope_theta'))
   num_heads = int(d['num_attention_heads'])
-  known = set(required) | set(_BENIGN_IF) | _IRRELEVANT_HF_KEYS | {
+  known = set(required) | set(benign) | _IRRELEVANT_HF_KEYS | {
       'num_key_value_heads', 'head_dim', 'rms_norm_eps', 'rope_theta', 'rope_scaling',
       'rope_parameters', 'tie_word_embeddings', 'max_position_embeddings'}
   unknown = sorted(set(d) - known)
@@ -174,6 +206,7 @@ def config_from_hf_dict(d: dict[str, Any], *, strict: bool = True) -> LlamaConfi
       rope_scaling=scaling,
       tie_word_embeddings=bool(d.get('tie_word_embeddings', False)),
       max_position_embeddings=int(d.get('max_position_embeddings', 8192)),
+      qkv_bias=qkv_bias,
   )
 
 

@@ -1,4 +1,4 @@
-"""A pure-functional Llama decoder in Flax Linen.
+"""A pure-functional Llama decoder in Flax Linen (and Qwen2, which is Llama with Q/K/V biases).
 
 Called as ``model.apply({'params': params}, ...)``. Token ids or input embeddings go in (the label
 slot of token-space descent is a mixture of embeddings, not a token), an optional KV cache goes in
@@ -80,11 +80,13 @@ class Attention(nn.Module):
   def __call__(self, x, cos, sin, input_mask, layer, cache):
     c = self.config
     b, t, _ = x.shape
-    dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype,
-                                     param_dtype=self.param_dtype, name=name)
-    q = dense(c.num_heads * c.head_dim, 'q')(x).reshape(b, t, c.num_heads, c.head_dim)
-    k = dense(c.num_kv_heads * c.head_dim, 'k')(x).reshape(b, t, c.num_kv_heads, c.head_dim)
-    v = dense(c.num_kv_heads * c.head_dim, 'v')(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+    dense = lambda n, name, bias=False: nn.Dense(n, use_bias=bias, dtype=self.dtype,
+                                                 param_dtype=self.param_dtype, name=name)
+    qkv = lambda heads, name: dense(heads * c.head_dim, name, c.qkv_bias)(x).reshape(
+        b, t, heads, c.head_dim)
+    # The Q/K/V biases (Qwen2) are added before RoPE, as in transformers: the cache holds rotated
+    # keys that already include them.
+    q, k, v = qkv(c.num_heads, 'q'), qkv(c.num_kv_heads, 'k'), qkv(c.num_kv_heads, 'v')
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     # Grouped-query attention without repeating K/V: queries are [b, t, kv_heads, group, d].
@@ -152,8 +154,9 @@ class Llama(nn.Module):
   """Llama decoder with embedding table ``embed`` [vocab, hidden] and optional ``lm_head``.
 
   Parameter tree: ``embed``, ``layers/{attn_norm,attn/{q,k,v,o},mlp_norm,mlp/{gate,up,down}}``
-  (each leaf with a leading layer axis), ``final_norm/scale`` and, when the head is not tied,
-  ``lm_head`` [hidden, vocab].
+  (each a ``kernel``, or a ``scale`` for the norms, with a leading layer axis), ``final_norm/scale``
+  and, when the head is not tied, ``lm_head`` [hidden, vocab]. With ``config.qkv_bias`` (Qwen2),
+  ``layers/attn/{q,k,v}/bias`` too.
   """
 
   config: LlamaConfig

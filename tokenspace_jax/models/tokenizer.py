@@ -1,19 +1,76 @@
-"""Tokenizers from transformers, for HF folders and for GGUF files (transformers reads both)."""
+"""Tokenizers from transformers, for HF folders and for GGUF files (transformers reads both).
+
+Building a tokenizer from a GGUF file means parsing its whole vocabulary and merge list out of
+the metadata and converting them, which takes seconds for every load. So the built tokenizer is
+saved (``save_pretrained``) into the cache folder, under a key of the GGUF file's path, size,
+mtime and inode and the transformers version, and later loads read that folder instead. A file
+that changes, or another transformers release, gets a fresh build.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import shutil
+import tempfile
 
+import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from tokenspace_jax.models import cache
+from tokenspace_jax.models.loading.errors import ModelLoadError
+
+log = logging.getLogger('tokenspace_jax')
+_COMPLETE = 'tokenspace_jax_complete'  # written last: a folder without it is not used
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
   """The tokenizer of an HF folder or a ``.gguf`` file, with the model's chat template."""
-  if path.endswith('.gguf'):
-    tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
-                                        gguf_file=os.path.basename(path))
-  else:
-    tok = AutoTokenizer.from_pretrained(path)
+  tok = gguf_tokenizer(path) if path.endswith('.gguf') else AutoTokenizer.from_pretrained(path)
   if tok.pad_token_id is None:
     tok.pad_token = tok.eos_token
   return tok
+
+
+def cached_tokenizer_dir(gguf_path: str) -> str:
+  """Where the tokenizer built from ``gguf_path`` (as the file is now) is cached."""
+  key = cache.stamp_key(gguf_path, f'transformers {transformers.__version__}')
+  return os.path.join(cache.cache_dir('tokenizers', create=False), key)
+
+
+def gguf_tokenizer(path: str, *, use_cache: bool = True) -> PreTrainedTokenizerBase:
+  """The tokenizer stored in a GGUF file; from the cache folder when it was built before."""
+  folder = cached_tokenizer_dir(path)
+  if use_cache and os.path.isfile(os.path.join(folder, _COMPLETE)):
+    try:
+      return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:  # a damaged entry: rebuild it
+      log.warning('Cached tokenizer %s is unreadable (%s); rebuilding it.', folder, e)
+      shutil.rmtree(folder, ignore_errors=True)
+  tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
+                                      gguf_file=os.path.basename(path))
+  if use_cache:
+    try:
+      _save(tok, folder)
+    except (OSError, ModelLoadError) as e:  # a read-only cache costs time, not correctness
+      log.warning('Could not cache the tokenizer of %s in %s (%s).', path, folder, e)
+  return tok
+
+
+def _save(tok: PreTrainedTokenizerBase, folder: str) -> None:
+  parent = cache.cache_dir('tokenizers')
+  tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(folder)}.')
+  try:
+    tok.save_pretrained(tmp)
+    with open(os.path.join(tmp, _COMPLETE), 'w') as f:
+      f.write('')
+    try:
+      os.rename(tmp, folder)  # atomic; fails if another process cached the same file first
+    except OSError:
+      if not os.path.isfile(os.path.join(folder, _COMPLETE)):
+        raise
+    cache.fsync_dir(parent)
+  finally:
+    with contextlib.suppress(FileNotFoundError):
+      shutil.rmtree(tmp)

@@ -2,12 +2,13 @@
 
 ``gguf`` memory-maps the file, so a tensor is read and dequantized only when asked for; host
 memory holds at most one float32 tensor beyond the target tree. llama.cpp's converter permutes
-the rows of the Q and K projections (interleaved RoPE pairs); the un-permute hook lives in the
-name map, not here.
+the rows of the Q and K projections of a ``llama`` (interleaved RoPE pairs) but not of a ``qwen2``;
+the un-permute hook lives in the name map, not here.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -15,12 +16,37 @@ import numpy as np
 from tokenspace_jax.models.config import LlamaConfig, UnsupportedConfigError
 from tokenspace_jax.models.loading.errors import WeightFormatError
 
+# general.architecture -> whether its Q/K/V projections carry biases (tensors attn_{q,k,v}.bias).
+ARCHITECTURES = {'llama': False, 'qwen2': True}
 
-def _open_reader(path: str):
+
+@functools.cache
+def _reader_class():
   import gguf
 
+  class PlainArrayReader(gguf.GGUFReader):
+    """``GGUFReader`` over a plain ndarray view of its memory map.
+
+    The reader slices its map once per metadata item (hundreds of thousands for a vocabulary),
+    and every slice of an ``np.memmap`` runs the subclass's Python ``__array_finalize__``; a
+    plain view of the same memory makes parsing, and dequantizing the tensor views it hands
+    out, several times faster. Nothing is copied: the view keeps the map alive.
+    """
+
+    @property
+    def data(self):
+      return self._plain
+
+    @data.setter
+    def data(self, mapped):
+      self._plain = mapped.view(np.ndarray)
+
+  return PlainArrayReader
+
+
+def _open_reader(path: str):
   try:
-    return gguf.GGUFReader(path)
+    return _reader_class()(path)
   except Exception as e:  # gguf raises ValueError, IndexError, struct errors... on bad files
     size = os.path.getsize(path)
     raise WeightFormatError(
@@ -61,25 +87,36 @@ class GGUFSource:
       raise WeightFormatError(f'{self.path}: cannot dequantize tensor "{name}" of type '
                               f'{t.tensor_type.name}: {e}') from None
 
-  def config(self) -> LlamaConfig:
+  @property
+  def architecture(self) -> str:
+    """``general.architecture``, checked to be one this module computes."""
     arch = self.field('general.architecture')
-    if arch != 'llama':
+    if arch not in ARCHITECTURES:
       raise UnsupportedConfigError(
           f'{self.path}: general.architecture is "{arch}", but only Llama-architecture models '
-          '("llama") are supported.')
-    need = lambda key: self._required(f'llama.{key}')
+          f'({", ".join(map(repr, ARCHITECTURES))}) are supported.')
+    return arch
+
+  def config(self) -> LlamaConfig:
+    arch = self.architecture
+    need = lambda key: self._required(f'{arch}.{key}')
+    get = lambda key, default=None: self.field(f'{arch}.{key}', default)
     hidden = int(need('embedding_length'))
     heads = int(need('attention.head_count'))
-    head_dim = int(self.field('llama.attention.key_length', hidden // heads))
-    rope_dims = int(self.field('llama.rope.dimension_count', head_dim))
+    head_dim = int(get('attention.key_length', hidden // heads))
+    rope_dims = int(get('rope.dimension_count', head_dim))
     if rope_dims != head_dim:
       raise UnsupportedConfigError(f'{self.path}: partial RoPE (rope.dimension_count={rope_dims} '
                                    f'of head_dim={head_dim}) is not implemented.')
-    scaling = self.field('llama.rope.scaling.type', 'none')
+    scaling = get('rope.scaling.type', 'none')
     if scaling not in ('none', None):
       raise UnsupportedConfigError(f'{self.path}: rope.scaling.type "{scaling}" is not '
                                    'implemented.')
-    vocab = self.field('llama.vocab_size')
+    window = get('attention.sliding_window')
+    if window:
+      raise UnsupportedConfigError(f'{self.path}: {arch}.attention.sliding_window={window}: '
+                                   'sliding-window attention is not implemented.')
+    vocab = get('vocab_size')
     if vocab is None:
       vocab = len(self._required('tokenizer.ggml.tokens'))
     freq_factors = None
@@ -91,13 +128,14 @@ class GGUFSource:
         intermediate_size=int(need('feed_forward_length')),
         num_layers=int(need('block_count')),
         num_heads=heads,
-        num_kv_heads=int(self.field('llama.attention.head_count_kv', heads)),
+        num_kv_heads=int(get('attention.head_count_kv', heads)),
         head_dim=head_dim,
-        rms_norm_eps=float(self.field('llama.attention.layer_norm_rms_epsilon', 1e-5)),
-        rope_theta=float(self.field('llama.rope.freq_base', 10000.0)),
+        rms_norm_eps=float(get('attention.layer_norm_rms_epsilon', 1e-5)),
+        rope_theta=float(get('rope.freq_base', 10000.0)),
         rope_freq_factors=freq_factors,
         tie_word_embeddings='output.weight' not in self._tensors,
-        max_position_embeddings=int(self.field('llama.context_length', 8192)),
+        max_position_embeddings=int(get('context_length', 8192)),
+        qkv_bias=ARCHITECTURES[arch],
     )
 
   def _required(self, key: str):

@@ -1,4 +1,5 @@
-"""One entry point for every model source users have: an HF folder, a GGUF file, or the default."""
+"""One entry point for every model source users have: an HF folder, a GGUF file, or a named
+offline model (``default``, ``qwen2.5-coder-0.5b``, ...: see ``models/offline.py``)."""
 
 from __future__ import annotations
 
@@ -10,22 +11,20 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from tokenspace_jax.models import offline
 from tokenspace_jax.models.config import LlamaConfig, UnsupportedConfigError, config_from_hf_dict
-from tokenspace_jax.models.default import DEFAULT_MODEL_NAME, default_gguf_path
 from tokenspace_jax.models.llama import Llama
 from tokenspace_jax.models.loading.errors import ModelLoadError
 from tokenspace_jax.models.loading.gguf_source import GGUFSource
 from tokenspace_jax.models.loading.param_mapping import (
   GGUF_IGNORED,
-  GGUF_RULES,
+  GGUF_RULES_BY_ARCH,
   HF_IGNORED,
   HF_RULES,
   assemble_params,
 )
 from tokenspace_jax.models.loading.safetensors_source import SafetensorsSource
 from tokenspace_jax.models.tokenizer import load_tokenizer
-
-DEFAULT_ALIASES = ('default', DEFAULT_MODEL_NAME)
 
 
 @dataclasses.dataclass
@@ -40,13 +39,13 @@ class LoadedModel:
 
 def resolve_source(source: str) -> str:
   """The file or folder behind ``source``; a clear error if there is none."""
-  if source in DEFAULT_ALIASES:
-    return default_gguf_path()
+  if offline.is_model_name(source):
+    return offline.gguf_path(source)
   path = os.path.expanduser(source)
   if not os.path.exists(path):
     raise ModelLoadError(
         f'Model source "{source}" does not exist. Pass an HF folder (config.json and '
-        f'*.safetensors), a .gguf file, or "{DEFAULT_MODEL_NAME}" for the embedded default.')
+        f'*.safetensors), a .gguf file, or a named offline model: {", ".join(offline.names())}.')
   return path
 
 
@@ -62,7 +61,8 @@ def load_model(source: str, *, dtype=jnp.float32, param_dtype=None, shardings=No
   """Loads config, params and tokenizer.
 
   Args:
-    source: an HF folder, a ``.gguf`` file, or ``"default"`` / ``"smollm2-135m-instruct"``.
+    source: an HF folder, a ``.gguf`` file, or a named offline model (``"default"``,
+      ``"qwen2.5-coder-0.5b"``, ...; ``offline.names()``).
     dtype: activation dtype of the model.
     param_dtype: dtype the weights are stored in (default: ``dtype``).
     shardings: optional tree of shardings for the params, or a callable ``config -> tree``.
@@ -74,7 +74,7 @@ def load_model(source: str, *, dtype=jnp.float32, param_dtype=None, shardings=No
   if os.path.isfile(path):
     src = GGUFSource(_check_gguf(path))
     config = src.config()
-    rules, ignored = GGUF_RULES, GGUF_IGNORED
+    rules, ignored = GGUF_RULES_BY_ARCH[src.architecture], GGUF_IGNORED
   else:
     config = _read_hf_config(path, strict)
     src = SafetensorsSource(path)

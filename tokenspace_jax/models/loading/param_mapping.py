@@ -1,10 +1,11 @@
 """Declarative maps from checkpoint tensor names to our parameter tree, with per-tensor hooks.
 
 A rule says where a tensor comes from and what must happen to it (transpose from PyTorch's
-[out, in] to Flax's [in, out], un-permute llama.cpp's Q/K rows). Assembly fills each target leaf
-layer by layer into one preallocated array in the target dtype, so host memory peaks near one
-copy of the weights, and checks the result against ``jax.eval_shape(model.init)``: a missing, extra
-or misshapen tensor is an error naming it, never a silently random weight.
+[out, in] to Flax's [in, out], un-permute llama.cpp's Q/K rows); a rule whose target the model's
+tree lacks (``lm_head`` of a tied model, the Q/K/V biases of a Llama) is skipped. Assembly fills
+each target leaf layer by layer into one preallocated array in the target dtype, so host memory
+peaks near one copy of the weights, and checks the result against ``jax.eval_shape(model.init)``:
+a missing, extra or misshapen tensor is an error naming it, never a silently random weight.
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ HF_RULES = (
     Rule('layers/attn/k/kernel', 'model.layers.{layer}.self_attn.k_proj.weight', (transpose,)),
     Rule('layers/attn/v/kernel', 'model.layers.{layer}.self_attn.v_proj.weight', (transpose,)),
     Rule('layers/attn/o/kernel', 'model.layers.{layer}.self_attn.o_proj.weight', (transpose,)),
+    # Only for a config with qkv_bias (Qwen2): a Llama tree has no bias leaves, so these rules are
+    # skipped and a stray bias tensor is refused as unused.
+    Rule('layers/attn/q/bias', 'model.layers.{layer}.self_attn.q_proj.bias'),
+    Rule('layers/attn/k/bias', 'model.layers.{layer}.self_attn.k_proj.bias'),
+    Rule('layers/attn/v/bias', 'model.layers.{layer}.self_attn.v_proj.bias'),
     Rule('layers/mlp_norm/scale', 'model.layers.{layer}.post_attention_layernorm.weight'),
     Rule('layers/mlp/gate/kernel', 'model.layers.{layer}.mlp.gate_proj.weight', (transpose,)),
     Rule('layers/mlp/up/kernel', 'model.layers.{layer}.mlp.up_proj.weight', (transpose,)),
@@ -67,20 +73,34 @@ HF_RULES = (
 # Present in some checkpoints, derived or duplicated, so safe to leave unread.
 HF_IGNORED = re.compile(r'(.*rotary_emb\.inv_freq|lm_head\.weight)$')
 
-GGUF_RULES = (
-    Rule('embed', 'token_embd.weight'),
-    Rule('layers/attn_norm/scale', 'blk.{layer}.attn_norm.weight'),
-    Rule('layers/attn/q/kernel', 'blk.{layer}.attn_q.weight', (unpermute_q, transpose)),
-    Rule('layers/attn/k/kernel', 'blk.{layer}.attn_k.weight', (unpermute_k, transpose)),
-    Rule('layers/attn/v/kernel', 'blk.{layer}.attn_v.weight', (transpose,)),
-    Rule('layers/attn/o/kernel', 'blk.{layer}.attn_output.weight', (transpose,)),
-    Rule('layers/mlp_norm/scale', 'blk.{layer}.ffn_norm.weight'),
-    Rule('layers/mlp/gate/kernel', 'blk.{layer}.ffn_gate.weight', (transpose,)),
-    Rule('layers/mlp/up/kernel', 'blk.{layer}.ffn_up.weight', (transpose,)),
-    Rule('layers/mlp/down/kernel', 'blk.{layer}.ffn_down.weight', (transpose,)),
-    Rule('final_norm/scale', 'output_norm.weight'),
-    Rule('lm_head', 'output.weight', (transpose,)),
-)
+
+def _gguf_rules(unpermute: bool) -> tuple[Rule, ...]:
+  q_hooks = (unpermute_q, transpose) if unpermute else (transpose,)
+  k_hooks = (unpermute_k, transpose) if unpermute else (transpose,)
+  return (
+      Rule('embed', 'token_embd.weight'),
+      Rule('layers/attn_norm/scale', 'blk.{layer}.attn_norm.weight'),
+      Rule('layers/attn/q/kernel', 'blk.{layer}.attn_q.weight', q_hooks),
+      Rule('layers/attn/k/kernel', 'blk.{layer}.attn_k.weight', k_hooks),
+      Rule('layers/attn/v/kernel', 'blk.{layer}.attn_v.weight', (transpose,)),
+      Rule('layers/attn/o/kernel', 'blk.{layer}.attn_output.weight', (transpose,)),
+      Rule('layers/attn/q/bias', 'blk.{layer}.attn_q.bias'),
+      Rule('layers/attn/k/bias', 'blk.{layer}.attn_k.bias'),
+      Rule('layers/attn/v/bias', 'blk.{layer}.attn_v.bias'),
+      Rule('layers/mlp_norm/scale', 'blk.{layer}.ffn_norm.weight'),
+      Rule('layers/mlp/gate/kernel', 'blk.{layer}.ffn_gate.weight', (transpose,)),
+      Rule('layers/mlp/up/kernel', 'blk.{layer}.ffn_up.weight', (transpose,)),
+      Rule('layers/mlp/down/kernel', 'blk.{layer}.ffn_down.weight', (transpose,)),
+      Rule('final_norm/scale', 'output_norm.weight'),
+      Rule('lm_head', 'output.weight', (transpose,)),
+  )
+
+
+# llama.cpp's converter permutes the Q/K rows only for architectures it runs with interleaved
+# RoPE pairs (LlamaModel.permute); Qwen2 runs rotate-half ("NEOX") RoPE, so its converter writes
+# Q/K (and their biases) in HF's order, and transformers' GGUF loader un-permutes only "llama".
+GGUF_RULES_BY_ARCH = {'llama': _gguf_rules(unpermute=True), 'qwen2': _gguf_rules(unpermute=False)}
+GGUF_RULES = GGUF_RULES_BY_ARCH['llama']
 GGUF_IGNORED = re.compile(r'rope_freqs\.weight$')  # read into the config's RoPE factors
 
 
