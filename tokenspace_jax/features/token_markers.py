@@ -116,6 +116,17 @@ def _byte_level_bytes(token: str, index: int, where: str) -> bytes:
         'tokens either all decoded or all raw.') from None
 
 
+def token_bytes(token: str, scheme: str) -> bytes | None:
+  """The bytes a ``'byte_level'`` or ``'sentencepiece'`` piece stands for; None if it is not
+  one of that alphabet (for callers that only inspect, such as a trim of partial characters)."""
+  if scheme == 'sentencepiece':
+    return _sentencepiece_bytes(token)
+  alphabet = _byte_alphabet()
+  if all(c in alphabet for c in token):
+    return bytes(alphabet[c] for c in token)
+  return None
+
+
 def _merge_characters(pieces: list[bytes], activations: list[float], where: str,
                       scheme: str) -> tuple[list[str], list[float]]:
   data = b''.join(pieces)
