@@ -39,5 +39,7 @@ def get_config(arg=None):
   c.batch = ConfigDict()
   c.batch.features = ''  # activation-records .jsonl with a "feature_id" in every record
   c.batch.features_per_step = 2  # features descended together in one vmapped step
+  c.batch.shard = 0  # this worker's index, when several machines split the file ...
+  c.batch.num_shards = 1  # ... into this many slices (features shard, shard + n, ...)
   c.features = c.batch.get_ref('features')  # batch.features, as --config.features=FILE.jsonl
   return common.apply_arg(c, arg)

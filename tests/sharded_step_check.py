@@ -1,4 +1,4 @@
-"""Runs the sharded descent step of ``sharding_rig`` on simulated CPU devices; writes an .npz.
+"""The engine's label-rows step on the problem of ``sharding_rig``, on simulated devices.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
       python tests/sharded_step_check.py OUT.npz 8x1,4x2 [PROCESS_ID NUM_PROCESSES PORT]
@@ -30,7 +30,8 @@ def main(out_path: str, meshes: str, process_id: str | None = None,
   import numpy as np
   import sharding_rig as rig
 
-  from tokenspace_jax.parallel import sharded_step, sharding
+  from tokenspace_jax.engine import rows
+  from tokenspace_jax.parallel import sharding
 
   results = {'devices': np.asarray(jax.device_count()),
              'local_devices': np.asarray(jax.local_device_count())}
@@ -40,11 +41,12 @@ def main(out_path: str, meshes: str, process_id: str | None = None,
     data_size, model_size = map(int, spec.split('x'))
     mesh = sharding.make_mesh(data=data_size, model=model_size)
     host, _ = rig.host_problem(model, params, data_size)
+    host = rig.as_rows(host)
     data = distributed.put_global(host, sharding.data_shardings(host, mesh))
-    state = distributed.put_global(jax.device_get(rig.initial_state(optimizer)),
+    state = distributed.put_global(jax.device_get(rig.rows_state(optimizer)),
                                    sharding.replicated(mesh))
-    step = sharded_step.make_sharded_step(objective, optimizer, mesh, host)
-    for k, v in rig.run_steps(step, state, data).items():
+    step = rows.make_rows_step(objective, optimizer, rig.LR, mesh, host)
+    for k, v in rig.run_steps(step, state, data, rows=True).items():
       results[f'{spec}/{k}'] = v
     # Each device holds only its block of the caches (and its kv heads, when model > 1).
     k_shape = data.caches.k.addressable_shards[0].data.shape

@@ -81,7 +81,7 @@ def _base_problem(model, params):
 def host_problem(model, params, data_shards: int):
   """(DescentData of numpy arrays with a local-slot schedule, its layout), for ``data_shards``."""
   caches, targets = _base_problem(model, params)
-  layout = shard_layout.layout_examples(targets, N_TRAIN, data_shards)
+  layout = shard_layout.layout_examples(targets, np.arange(N_EXAMPLES) < N_TRAIN, data_shards)
   caches = prefix.PrefixCaches(
       k=layout.arrange(caches.k, 1), v=layout.arrange(caches.v, 1),
       valid=layout.arrange(caches.valid), log_prior=layout.arrange(caches.log_prior))
@@ -97,23 +97,46 @@ def host_problem(model, params, data_shards: int):
   return data, layout
 
 
-def run_steps(step, state, data) -> dict:
-  """Losses, the first step's gradient (from Adam's first moment), the final label."""
+HP = {'lr': np.asarray([LR], np.float32), 'w_label': np.asarray([1.0], np.float32),
+      'w_entropy': np.asarray([0.1], np.float32), 'w_kl': np.asarray([0.05], np.float32)}
+
+
+def as_rows(data: descent.DescentData) -> descent.DescentData:
+  """``data`` for the engine's step over label rows, with one row."""
+  return data.replace(schedule=data.schedule[None], mean_log_prior=data.mean_log_prior[None])
+
+
+def rows_state(optimizer):
+  """``initial_state`` as the engine's rows step holds it: one row, its optimizer chained with
+  the row's learning-rate scale."""
+  label = initial_state(optimizer)['label']
+  state = descent.init_state(label, optax.chain(optimizer, optax.scale(1.0)))
+  return jax.tree.map(lambda x: x[None], state)
+
+
+def run_steps(step, state, data, rows: bool = False) -> dict:
+  """Losses, the first step's gradient (from the first momentum), the final label.
+
+  ``rows``: ``step`` is the engine's rows step ``(state, data, hp, active)`` over one row.
+  """
   terms = ('loss', 'answer_ce', 'batch_accuracy', 'kl', 'entropy')
   out = {k: [] for k in terms}
+  hp = jax.tree.map(jnp.asarray, HP)
+  active = jnp.ones(1, bool)
+  one = (lambda x: x[0]) if rows else (lambda x: x)
   for t in range(STEPS):
-    state, metrics = step(state, data)
-    m = jax.device_get(metrics)
+    state, metrics = step(state, data, hp, active) if rows else step(state, data)
+    m = jax.tree.map(one, jax.device_get(metrics))
     assert bool(m['ok'])
     for k in terms:
       out[k].append(float(m[k]))
     if t == 0:  # the first momentum trace is the gradient (Adam's first moment, scaled)
-      first = state['opt_state'][0]
-      g = jax.device_get(first.mu if hasattr(first, 'mu') else first.trace)
+      first = state['opt_state'][0][0] if rows else state['opt_state'][0]
+      g = jax.tree.map(one, jax.device_get(first.mu if hasattr(first, 'mu') else first.trace))
       scale = 1 - B1 if hasattr(first, 'mu') else 1.0
       out['grad_logits'] = g['logits'] / scale
       out['grad_bias'] = g['answer_bias'] / scale
-  label = jax.device_get(state['label'])
+  label = jax.tree.map(one, jax.device_get(state['label']))
   out.update(logits=label['logits'], answer_bias=label['answer_bias'],
              compilations=step._cache_size())
   return {k: np.asarray(v) for k, v in out.items()}

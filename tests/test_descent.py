@@ -9,11 +9,10 @@ import optax
 import pytest
 from ml_collections import ConfigDict
 
-from tokenspace_jax import sweep
 from tokenspace_jax.classifier import label as label_lib
 from tokenspace_jax.classifier import prefix
 from tokenspace_jax.classifier.objective import LossWeights, Objective
-from tokenspace_jax.engine import descent
+from tokenspace_jax.engine import descent, rows
 from tokenspace_jax.engine.scoring import auroc
 from tokenspace_jax.models import Llama, LlamaConfig
 
@@ -187,8 +186,8 @@ def test_non_finite_step_keeps_state():
 
 def test_planted_two_token_label_is_found():
   """A feature planted on a pair of tokens filling a two-token slot: descent over two
-  distributions, two restarts in one vmapped sweep step, must recover the pair, in order, as the
-  restart whose discrete label has the lowest training loss.
+  distributions, two restarts as two rows of the engine's step, must recover the pair, in order,
+  as the restart whose discrete label has the lowest training loss.
 
   The weights keep their small init scale here: with the 8x weights of the tests above, a
   two-token slot makes the random model so nonlinear in its input that descent settles in
@@ -241,7 +240,9 @@ def test_planted_two_token_label_is_found():
   state = jax.vmap(lambda label: descent.init_state(label, chained))(labels)
   hp = {k: jnp.full(restarts, v, jnp.float32)
         for k, v in dict(lr=0.1, w_label=1.0, w_entropy=0.02, w_kl=0.0).items()}
-  step = sweep.make_sweep_step(objective, optimizer, 0.1)
+  step = rows.make_rows_step(objective, optimizer, 0.1)
+  data = data.replace(schedule=jnp.stack([data.schedule] * restarts),
+                      mean_log_prior=jnp.stack([data.mean_log_prior] * restarts))
   for _ in range(steps):
     state, metrics = step(state, data, hp, jnp.ones(restarts, bool))
   assert step._cache_size() == 1

@@ -1,35 +1,111 @@
-"""The identifiability verdict: a label counts only if it beats random tokens and chance."""
+"""Scores and the verdict: intervals that cover, and a verdict that says when it cannot tell."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
+from tokenspace_jax.engine import scoring
 from tokenspace_jax.engine.scoring import LabelScore, auroc, verdict
 
 
-def _scores(found, reference, randoms):
-  make = lambda a, role, i: LabelScore(i, f't{i}', role, a, 0.5, 0.5, 0.5)
-  return ([make(found, 'found', 0), make(reference, 'reference', 1)]
-          + [make(a, 'random', 2 + i) for i, a in enumerate(randoms)])
+def _margins(rng, targets, separations):
+  """Margins of one label per separation: positives shifted up by it (0: a random label).
+
+  As with a real classifier, most of an example's margin is the same whatever the label (the
+  word itself, the text): labels are compared on the same examples, so their differences are
+  much surer than each AUROC alone.
+  """
+  common = rng.normal(size=len(targets))
+  return np.stack([common + 0.5 * rng.normal(size=len(targets)) + s * targets
+                   for s in separations])
 
 
-def test_a_label_that_beats_random_tokens_and_chance_is_identifiable():
-  v = verdict(_scores(0.75, 0.70, [0.55, 0.58, 0.52]))
-  assert v['identifiable'] and v['found_matches_reference']
+def _scores(margins, targets, roles):
+  return [LabelScore(i, f't{i}', role, auroc(m, targets), None, 0.5, 0.5, 0.5, {}, 0.0)
+          for i, (m, role) in enumerate(zip(margins, roles, strict=True))]
 
 
-def test_a_label_no_better_than_random_tokens_is_not():
-  v = verdict(_scores(0.64, 0.62, [0.61, 0.63, 0.60]))
-  assert not v['identifiable'] and 'whatever the label' in v['message']
+ROLES = ['found', 'reference', 'random', 'random', 'random']
 
 
-def test_a_label_at_chance_is_not_even_when_random_tokens_score_below_it():
-  v = verdict(_scores(0.48, 0.50, [0.36, 0.43, 0.41]))
-  assert v['label_dependence'] > 0.05 and not v['identifiable']
-  assert 'near chance' in v['message']
+def _verdict(n, separations, seed=0):
+  rng = np.random.default_rng(seed)
+  targets = (np.arange(n) % 2).astype(np.float32)
+  margins = _margins(rng, targets, separations)
+  samples = scoring.bootstrap_aurocs(margins, targets, 500, seed)
+  positives = int(targets.sum())
+  return verdict(_scores(margins, targets, ROLES), samples, positives=positives,
+                 negatives=n - positives)
+
+
+def test_bootstrap_counts_equal_resampled_aurocs():
+  """The pair-count shortcut is the AUROC of the resampled examples, computed directly."""
+  rng = np.random.default_rng(0)
+  targets = np.array([1, 0, 1, 1, 0, 0, 0, 1, 0, 1], np.float32)
+  margins = np.round(rng.normal(size=(2, 10)), 1)  # ties included
+  got = scoring.bootstrap_aurocs(margins, targets, 5, seed=3)
+  # The same resamples, redrawn as scoring draws them: positives first, then negatives.
+  again = np.random.default_rng(3)
+  pos, neg = np.flatnonzero(targets > 0.5), np.flatnonzero(targets <= 0.5)
+  cp = [again.integers(0, len(pos), len(pos)) for _ in range(5)]
+  cn = [again.integers(0, len(neg), len(neg)) for _ in range(5)]
+  for b in range(5):
+    idx = np.concatenate([pos[cp[b]], neg[cn[b]]])
+    for label in range(2):
+      assert got[label, b] == pytest.approx(auroc(margins[label, idx], targets[idx]))
+
+
+def test_a_clear_label_with_enough_examples_is_identifiable():
+  v = _verdict(400, [0.8, 0.6, 0, 0, 0])
+  assert v['status'] == scoring.IDENTIFIABLE and v['identifiable']
+  lo, hi = v['label_dependence_interval']
+  assert 0 < lo < v['label_dependence'] < hi
+  assert v['found_vs_reference'] in ('beats', 'matches')
+
+
+def test_a_label_no_better_than_random_tokens_is_not_identifiable():
+  v = _verdict(400, [0, 0, 0, 0, 0])
+  assert v['status'] == scoring.NOT_IDENTIFIABLE and not v['identifiable']
+  assert 'do not depend on the label' in v['message']
+
+
+def test_too_few_heldout_examples_give_undetermined_not_a_false_negative():
+  """A weak label on 40 held-out examples: the intervals are too wide to decide either way. Any
+  label on 12 (6 positives): too few for an interval to mean anything. Both say so."""
+  v = _verdict(40, [0.3, 0.2, 0, 0, 0])
+  assert v['status'] == scoring.UNDETERMINED and not v['identifiable']
+  lo, hi = v['label_dependence_interval']
+  assert lo < 0 < v['margin'] < hi
+  for separations in ([0.8, 0.6, 0, 0, 0], [0, 0, 0, 0, 0]):
+    v = _verdict(12, separations, seed=1)
+    assert v['status'] == scoring.UNDETERMINED
+    assert 'UNDETERMINED' in v['message'] and '6 positives' in v['message']
+
+
+def test_without_intervals_the_point_estimates_decide():
+  rng = np.random.default_rng(0)
+  targets = (np.arange(400) % 2).astype(np.float32)
+  margins = _margins(rng, targets, [0.8, 0.6, 0, 0, 0])
+  assert verdict(_scores(margins, targets, ROLES))['identifiable']
 
 
 def test_auroc_counts_ties_half():
   targets = np.array([1, 1, 0, 0])
   assert auroc(np.array([3.0, 1.0, 1.0, 0.0]), targets) == 0.875
   assert auroc(np.array([0.0, 0.0, 0.0, 0.0]), targets) == 0.5
+
+
+def test_window_detection_and_correlation():
+  """A window is positive when any of its tokens is; its score is its largest margin."""
+  split = scoring.Split(slots=np.arange(6), targets=np.array([0, 1, 0, 0, 0, 0], np.float32),
+                        windows=np.array([0, 0, 1, 1, 2, 2]),
+                        activations=np.array([0.0, 3.0, 0.0, 0.1, 0.0, 0.0]))
+  best, positive = scoring.window_max(np.array([-1.0, 2.0, 0.5, -3.0, 0.0, 0.1]), split)
+  np.testing.assert_array_equal(best, [2.0, 0.5, 0.1])
+  np.testing.assert_array_equal(positive, [1, 0, 0])
+  d = scoring.detection(np.array([-1.0, 2.0, 0.5, -3.0, 0.0, 0.1]), split,
+                        np.array([-1.0, 2.0, 0.5, -3.0, 0.0, 0.1]), split)
+  assert d['auroc'] == 1.0 and d['f1'] == 1.0 and d['windows'] == 3
+  assert d['positive_windows'] == 1
+  assert scoring.pearson(np.array([0, 1, 2.0]), np.array([0, 2, 4.0])) == pytest.approx(1.0)

@@ -22,11 +22,11 @@ import sharding_rig as rig
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
-from tokenspace_jax.engine import descent
+from tokenspace_jax.engine import descent, rows, sampler
 from tokenspace_jax.models.config import PRESETS
 from tokenspace_jax.models.llama import Llama
 from tokenspace_jax.models.loading.param_mapping import abstract_params
-from tokenspace_jax.parallel import distributed, shard_layout, sharded_step, sharding
+from tokenspace_jax.parallel import distributed, shard_layout, sharding
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOL = 1e-5
@@ -79,19 +79,23 @@ def test_data_specs_split_examples_on_data_and_kv_heads_on_model():
   assert manual.params['embed'] == P(None, None)
   with pytest.raises(sharding.MeshError, match='batch'):
     sharding.data_specs(host.replace(schedule=host.schedule[:, :15]), _abstract_mesh(4, 2))
+  # The engine's schedule has a leading row axis; the batch is still the last.
+  assert sharding.data_specs(rig.as_rows(host), _abstract_mesh(4, 2)).schedule == P(
+      None, None, 'data')
 
 
 def test_layout_is_the_identity_on_one_shard_and_balanced_on_many():
   targets = np.array([1, 0, 0, 1, 1, 0, 1, 0, 0, 0, 1, 1, 0, 1], np.float32)
-  one = shard_layout.layout_examples(targets, n_train=10, data=1)
+  train = np.arange(14) < 10
+  one = shard_layout.layout_examples(targets, train, data=1)
   np.testing.assert_array_equal(one.order, np.arange(14))
   assert not one.padding.any()
   positives, negatives = np.flatnonzero(targets[:10] > 0.5), np.flatnonzero(targets[:10] <= 0.5)
   np.testing.assert_array_equal(
       shard_layout.shard_schedule(one, targets, 7, 4, 0.5, seed=3),
-      descent.batch_schedule(positives, negatives, 7, 4, 0.5, seed=3))
+      sampler.batch_schedule(positives, negatives, 7, 4, 0.5, seed=3))
 
-  four = shard_layout.layout_examples(targets, n_train=10, data=4)
+  four = shard_layout.layout_examples(targets, train, data=4)
   assert four.slots == 16 and four.padding.sum() == 2
   real = four.order[~four.padding]
   np.testing.assert_array_equal(np.sort(real), np.arange(14))
@@ -106,20 +110,39 @@ def test_layout_is_the_identity_on_one_shard_and_balanced_on_many():
   with pytest.raises(shard_layout.LayoutError, match='multiple'):
     shard_layout.shard_schedule(four, targets, 5, 6, 0.5, seed=0)
   with pytest.raises(shard_layout.LayoutError, match='positives'):
-    shard_layout.shard_schedule(shard_layout.layout_examples(targets, 10, 6), targets, 5, 12,
+    shard_layout.shard_schedule(shard_layout.layout_examples(targets, train, 6), targets, 5, 12,
                                 0.5, seed=0)
 
 
-def test_one_device_mesh_reproduces_make_step_exactly():
+def test_layout_of_several_features_gives_each_shard_each_features_share():
+  """A pool of two features on 2 shards: each shard holds both features' positives and
+  negatives, and a feature's schedule draws only its own train examples."""
+  targets = np.tile(np.array([1, 0, 1, 0, 0, 1, 0, 1, 1, 0], np.float32), 2)
+  groups = np.repeat([0, 1], 10)
+  train = np.tile(np.arange(10) < 8, 2)
+  layout = shard_layout.layout_examples(targets, train, 2, groups, n_local=12)
+  assert layout.n_local == 12 and layout.padding.sum() == 4
+  for f in (0, 1):
+    schedule = shard_layout.to_global(
+        shard_layout.shard_schedule(layout, targets, 6, 4, 0.5, seed=0, group=f), layout)
+    drawn = layout.order[schedule]
+    assert (groups[drawn] == f).all() and train[drawn].all()
+    np.testing.assert_array_equal(targets[drawn].sum(1), 2)
+  with pytest.raises(shard_layout.LayoutError, match='do not fit'):
+    shard_layout.layout_examples(targets, train, 2, groups, n_local=9)
+
+
+def test_rows_step_on_a_one_device_mesh_reproduces_make_step():
   model, params = rig.tiny_model()
   objective, optimizer = rig.objective_and_optimizer(model)
   host, _ = rig.host_problem(model, params, 1)
+  host = rig.as_rows(host)
   expected = _reference(1)  # descent.make_step on the same layout, schedule and state
   mesh = sharding.make_mesh(data=1, model=1)
   sharded = distributed.put_global(host, sharding.data_shardings(host, mesh))
-  state = jax.device_put(rig.initial_state(optimizer), sharding.replicated(mesh))
-  step = sharded_step.make_sharded_step(objective, optimizer, mesh, host)
-  got = rig.run_steps(step, state, sharded)
+  state = jax.device_put(rig.rows_state(optimizer), sharding.replicated(mesh))
+  step = rows.make_rows_step(objective, optimizer, rig.LR, mesh, host)
+  got = rig.run_steps(step, state, sharded, rows=True)
   for k, v in expected.items():
     np.testing.assert_allclose(got[k], v, rtol=0, atol=1e-6, err_msg=k)
 

@@ -1,117 +1,168 @@
 """Label one feature: ``python -m tokenspace_jax.main --config=configs/chinese.py [--workdir=DIR]``.
 
-Overrides: ``--config.optim.lr=0.3``. Rerunning with the same workdir resumes from its latest
-checkpoint. Only wiring lives here; the work is in ``tokenspace_jax.labeling``.
+Overrides: ``--config.optim.lr=0.3``; config arguments: ``configs/animal.py:quick``. Rerunning
+with the same workdir resumes from its latest checkpoint. One label row writes ``result.json``;
+several (``sweep.restarts``, ``sweep.grid``) write ``sweep.json``. Only wiring lives here: the
+work is the engine's (``engine.run.label_features``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+import time
 
-from absl import app, flags
-from ml_collections import config_flags
+import jax
+import jax.numpy as jnp
+from ml_collections import ConfigDict
 
-from tokenspace_jax import labeling, sweep
-from tokenspace_jax.classifier.label import LabelError
-from tokenspace_jax.classifier.prompts import PromptError
-from tokenspace_jax.features import FeatureError
-from tokenspace_jax.models import ModelLoadError, UnsupportedConfigError
-from tokenspace_jax.models.default import DefaultModelMissingError
-from tokenspace_jax.parallel import distributed
+from tokenspace_jax import cli, config_defaults
+from tokenspace_jax.engine import loop, record
+from tokenspace_jax.engine.run import label_features
+from tokenspace_jax.features import SYNTHETIC_FEATURES
+from tokenspace_jax.features.from_config import load_feature
+from tokenspace_jax.models import LoadedModel, load_model
+from tokenspace_jax.models.loading.param_mapping import abstract_params
+from tokenspace_jax.outputs import report, views
+from tokenspace_jax.outputs.checkpoint import StopFlag
+from tokenspace_jax.outputs.workdir import Workdir, fingerprint_file, fingerprint_model
+from tokenspace_jax.parallel import distributed, sharding
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory (default: workdirs/<feature>).')
-
-# Errors whose message already says what is wrong and how to fix it: shown without a traceback.
-USER_ERRORS = (FeatureError, LabelError, ModelLoadError, UnsupportedConfigError, PromptError,
-               DefaultModelMissingError, labeling.ConfigMismatchError, labeling.ConfigValueError,
-               labeling.NonFiniteLossError, distributed.DistributedSetupError)
+log = logging.getLogger('tokenspace_jax')
 
 
-def run_reporting_errors(fn, *args, errors: tuple = USER_ERRORS):
-  """(``fn(*args)``, 0), or (None, exit code) after a user error or an interruption, reported
-  in one line without a traceback (143 for SIGTERM/Ctrl-C: rerun the same command to resume)."""
+def is_sweep(config: ConfigDict) -> bool:
+  return bool(config.sweep.grid) or config.sweep.restarts > 1
+
+
+def run_mesh(config: ConfigDict) -> jax.sharding.Mesh:
+  """The mesh of ``config.mesh`` over every device of the job."""
   try:
-    return fn(*args), 0
-  except errors as e:
-    print(f'error: {e}', file=sys.stderr)
-    return None, 1
-  except labeling.RunInterrupted as e:
-    print(str(e), file=sys.stderr)
-    return None, 143
+    return sharding.make_mesh(config.mesh)
+  except sharding.MeshError as e:
+    raise config_defaults.ConfigValueError(f'{e} (config.mesh).') from None
 
 
-def _label(config, workdir: str):
-  # Before anything touches a device: joins the other hosts of a pod slice (auto-detected on
-  # Cloud TPU, or from JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID); a no-op on a
-  # single machine.
-  distributed.initialize()
-  if sweep.is_sweep(config):  # several label rows in one run: a sweep.json, not result.json
-    return sweep.run(config, workdir)
-  return labeling.run(config, workdir)
+def load_for(config: ConfigDict, mesh: jax.sharding.Mesh | None) -> LoadedModel:
+  """The model of ``config.model``, its weights loaded straight into their shardings."""
+  shardings = ((lambda model: sharding.param_shardings(abstract_params(model), mesh))
+               if mesh is not None and mesh.size > 1 else None)
+  lm = load_model(config.model.source, dtype=jnp.dtype(config.model.dtype), shardings=shardings,
+                  param_dtype=jnp.dtype(config.model.param_dtype or config.model.dtype))
+  log.info('Loaded %s in %.1f s.', lm.path, lm.load_seconds)
+  return lm
 
 
-def config_from_flags(argv, example: str):
-  """The ``--config`` of the command line, or None after printing why there is none."""
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config = _CONFIG.value
-  if config is None:
-    raise app.UsageError(f'--config is required, e.g. --config={example}')
-  try:
-    config.get('seed')  # a config file that failed to load raises on first access
-  except OSError as e:
-    print(f'error: {str(e).strip()}', file=sys.stderr)
-    return None
-  return config
+def inputs_of(config: ConfigDict, lm: LoadedModel | None = None) -> dict:
+  """Fingerprints of what a run reads besides its config: a changed input is a new run."""
+  out = {}
+  if config.feature.records:
+    out['feature.records'] = fingerprint_file(config.feature.records)
+  if lm is not None:
+    out['model'] = fingerprint_model(config.model.source, lm.path)
+  return out
+
+
+def run(config: ConfigDict, workdir: str, lm: LoadedModel | None = None,
+        progress: bool | None = None) -> dict:
+  """Labels the feature of ``config``; returns (and writes) ``result.json`` or ``sweep.json``."""
+  config_defaults.validate(config, SYNTHETIC_FEATURES)
+  name = 'sweep.json' if is_sweep(config) else 'result.json'
+  main_process = distributed.is_main_process()
+  wd = Workdir(workdir, write=main_process, resumable=config_defaults.RESUMABLE_CHANGES)
+  with wd.lock():
+    settings = json.loads(config.to_json())
+    wd.check(settings, inputs_of(config))
+    finished = wd.finished(name)
+    if finished is not None:
+      log.info('%s already holds a finished run; not recomputing.', wd.path(name))
+      return finished
+    wall_start = time.perf_counter()
+    mesh = run_mesh(config)
+    on_mesh = mesh.size > 1
+    lm = lm or load_for(config, mesh)
+    if on_mesh:
+      log.info('Mesh %s over %d devices (%s).', dict(mesh.shape), mesh.size,
+               mesh.devices.flat[0].platform)
+    inputs = inputs_of(config, lm)
+    wd.check(settings, inputs)
+    feature = load_feature(config.feature, lm.tokenizer, lm.config.vocab_size)
+    with StopFlag().installed() as stop:
+      wd.commit(settings, inputs)  # the run has really started: its config is the workdir's
+      show = (config.progress if progress is None else progress) and main_process
+      labeled = label_features(config, lm, [feature], checkpoints=wd.path('checkpoints'),
+                               stop=stop, mesh=mesh if on_mesh else None,
+                               trajectory_path=wd.path('trajectory.jsonl'), write=main_process,
+                               progress=show, name='')
+    pool = labeled.pool
+    log.info('Feature %s: %d train / %d held-out examples; caches and priors in %.1f s.',
+             feature.name, int(pool.train.sum()), int((~pool.train).sum()), pool.seconds)
+    log.info('Descent: %d steps in %.1f s (first step, with compilation, %.1f s); scoring in '
+             '%.1f s.', labeled.loop.steps_run, labeled.seconds['descent'],
+             labeled.seconds['compile'] or 0.0, labeled.seconds['scoring'])
+    records = labeled.records
+    if all('error' in r for r in records):
+      steps = max(r['steps'] for r in records)
+      raise loop.NonFiniteLossError(
+          f'The loss became non-finite at step {steps + 1}; stopped. The last good state (step '
+          f'{steps}) is kept in {wd.path("checkpoints")}. Lower optim.lr, or check the model '
+          'weights and dtype (bfloat16 overflows more easily than float32).')
+    last = labeled.trajectory[-1] if labeled.trajectory else {}
+    descent_time = last.get('elapsed', 0.0)
+    steps_done = max(r['steps'] for r in records)
+    timings = {'wall_seconds': time.perf_counter() - wall_start,
+               'descent_seconds': descent_time,
+               'steps_per_second': steps_done / descent_time if descent_time else None,
+               'compile_seconds': labeled.seconds['compile'],
+               'phase_seconds': {'model': lm.load_seconds, **labeled.seconds}}
+    if is_sweep(config):
+      result = views.sweep_view(records, record.best_row(records), config=config,
+                                model=lm.path, timings=timings)
+    else:
+      result = views.result_view(records[0], config=config, model=lm.path, timings=timings)
+    if main_process:
+      best = record.best_row(records)
+      rows = [x for x in labeled.trajectory if x.get('row', 0) == best['row']]
+      p = best['probability']
+      report.plot_trajectory(rows, wd.path('trajectory.png'),
+                             f'{feature.name}: {best["label"]!r}'
+                             + (f' p={p:.2f}' if p is not None else ''))
+      report.write_json(wd.path(name), result)
+    return result
 
 
 def main(argv):
-  config = config_from_flags(argv, 'configs/chinese.py')
+  config = cli.config_from_flags(argv, 'configs/chinese.py')
   if config is None:
     return 2
+  try:  # before any folder is made: the workdir's name comes from the config
+    config_defaults.validate(config, SYNTHETIC_FEATURES)
+  except config_defaults.ConfigValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
   name = config.feature.name or os.path.splitext(os.path.basename(config.feature.records))[0]
-  workdir = _WORKDIR.value or os.path.join('workdirs', name or 'run')
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
+  workdir = cli.WORKDIR.value or os.path.join('workdirs', name or 'run')
   logging.getLogger('absl').setLevel(logging.WARNING)
   overrides = [a for a in sys.argv[1:] if a.startswith('--config.')]
-  logging.info('Config %s, overrides %s, workdir %s\n%s', flags.FLAGS['config'].config_filename
-               if hasattr(flags.FLAGS['config'], 'config_filename') else '', overrides, workdir,
-               config)
-  result, code = run_reporting_errors(_label, config, workdir)
+  log.info('Config %s, overrides %s, workdir %s\n%s', cli.config_filename(), overrides, workdir,
+           config)
+  # Before anything touches a device: joins the other hosts of a pod slice (auto-detected on
+  # Cloud TPU, or from JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID); a no-op on a
+  # single machine.
+  result, code = cli.run_reporting_errors(lambda: (distributed.initialize(),
+                                                   run(config, workdir))[1])
   if code or not distributed.is_main_process():
     return code
-  if sweep.is_sweep(config):
-    print(sweep.summary(result))
+  if is_sweep(config):
+    print(views.sweep_summary(result))
     print(f'Wrote {os.path.join(workdir, "sweep.json")}')
-    return 0
-  print(labeling.summary(result))
-  print(f'Wrote {os.path.join(workdir, "result.json")} and trajectory.png')
+  else:
+    print(views.summary(result))
+    print(f'Wrote {os.path.join(workdir, "result.json")} and trajectory.png')
   return 0
 
 
-def _parse_flags(argv):
-  """absl's parser, with bad ``--config.*`` overrides reported in one line, not a traceback."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    detail = str(e).strip('"\'').replace("\\'", "'").replace('\\n', ' ')
-    bad = [a for a in argv[1:] if a.startswith('--config')]
-    print(f'error: invalid config or override {bad}: {detail}\n'
-          'Overrides must name existing keys with values of their type, e.g. '
-          '--config.optim.lr=0.3 (see tokenspace_jax/config_defaults.py).', file=sys.stderr)
-    sys.exit(2)
-
-
-def run():
-  app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)
-
-
 if __name__ == '__main__':
-  run()
+  cli.start(main)

@@ -65,6 +65,29 @@ def allowed_tokens(tokenizer, vocab_size: int) -> np.ndarray:
   return allowed
 
 
+def allowed_mask(tokenizer, vocab_size: int, mask_special: bool) -> np.ndarray:
+  """``allowed_tokens``, or every token when ``label.mask_special`` is off."""
+  return (allowed_tokens(tokenizer, vocab_size) if mask_special
+          else np.ones(vocab_size, bool))
+
+
+def reference_ids(tokenizer, user_template: str, word: str) -> tuple[list[int], str]:
+  """(token ids, spelling) of a human reference word as the concept slot expects it.
+
+  The spelling the slot expects first: with a leading space after "Concept:", bare after a
+  quote. A spelling that is one token is preferred; otherwise the word is scored with all of its
+  tokens filling the slot (a label of several tokens), never dropped.
+  """
+  word = word.strip()
+  spaced = not user_template.split('{concept}')[0].endswith(('"', "'"))
+  variants = [' ' + word, word] if spaced else [word, ' ' + word]
+  encoded = [list(tokenizer(v, add_special_tokens=False)['input_ids']) for v in variants]
+  for ids, variant in zip(encoded, variants, strict=True):
+    if len(ids) == 1:
+      return ids, variant
+  return encoded[0], variants[0]
+
+
 def token_id_for_word(tokenizer, word: str) -> int:
   ids = tokenizer(word, add_special_tokens=False)['input_ids']
   if len(ids) != 1:

@@ -47,6 +47,9 @@ class Objective:
   full_vocab_answer: bool = True
   learn_answer_bias: bool = True
 
+  def with_weights(self, weights: LossWeights) -> Objective:
+    return dataclasses.replace(self, weights=weights)
+
   def log_p(self, label: dict, allowed: jax.Array) -> jax.Array:
     logits = jnp.where(allowed, label['logits'] / self.temperature, _DISALLOWED)
     return jax.nn.log_softmax(logits, axis=-1)
@@ -77,3 +80,12 @@ class Objective:
     accuracy = jnp.mean((lp[:, 0] > lp[:, 1]) == (targets > 0.5))
     return total, {'loss': total, 'answer_ce': ce, 'entropy': entropy, 'kl': kl,
                    'w_entropy': w_entropy, 'batch_accuracy': accuracy}
+
+
+def objective_from_config(config, model: Llama) -> Objective:
+  """The ``Objective`` of ``config.loss`` and ``config.label``."""
+  weights = LossWeights(label=config.loss.w_label, entropy=config.loss.w_entropy,
+                        entropy_warmup_steps=config.loss.entropy_warmup_steps, kl=config.loss.w_kl)
+  return Objective(model, weights, temperature=config.label.temperature,
+                   full_vocab_answer=config.loss.answer == 'full',
+                   learn_answer_bias=config.label.learn_answer_bias)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from tokenspace_jax.classifier.objective import Objective
@@ -78,26 +77,3 @@ def make_step(objective: Objective, optimizer: optax.GradientTransformation, top
                  'answer_bias': label['answer_bias']}
 
   return jax.jit(step, donate_argnums=(0,))
-
-
-def batch_schedule(positives: np.ndarray, negatives: np.ndarray, steps: int, batch_size: int,
-                   positive_fraction: float | None, seed: int) -> np.ndarray:
-  """[steps, batch] example indices; epochs of shuffled positives and negatives drawn in turn.
-
-  ``positive_fraction=None`` samples from all examples in their natural proportion.
-  """
-  rng = np.random.default_rng(seed)
-
-  def stream(pool: np.ndarray, count: int) -> np.ndarray:
-    if count == 0:
-      return np.zeros((0,), np.int64)
-    epochs = -(-count // len(pool))
-    return np.concatenate([rng.permutation(pool) for _ in range(epochs)])[:count]
-
-  if positive_fraction is None:
-    both = np.concatenate([positives, negatives])
-    return stream(both, steps * batch_size).reshape(steps, batch_size).astype(np.int32)
-  n_pos = int(round(batch_size * positive_fraction))
-  pos = stream(positives, steps * n_pos).reshape(steps, n_pos)
-  neg = stream(negatives, steps * (batch_size - n_pos)).reshape(steps, batch_size - n_pos)
-  return np.concatenate([pos, neg], axis=1).astype(np.int32)

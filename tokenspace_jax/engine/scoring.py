@@ -1,13 +1,26 @@
-"""Scoring discrete labels on held-out examples, against baselines, with an identifiability check.
+"""Scoring discrete labels, against baselines, with intervals and an identifiability verdict.
 
 A found label means something only relative to what *any* label achieves: a small model may
 separate positives from negatives by the word alone, whatever the concept says. So the found
 token, the human reference word and a few random tokens are scored the same way, and the run
-says plainly when the label makes no difference.
+says plainly when the label makes no difference, and when there are too few held-out examples
+to tell.
+
+Every label is scored in one batched pass: the (label, example) pairs of all labels of one
+length fill fixed-size forward passes, so many labels cost what their pairs cost, not one
+compilation or one partial batch each.
 
 Accuracy needs a decision threshold on the yes/no margin. It is fitted on training examples
 for each label separately (maximising balanced accuracy) and applied to the held-out split, so
-no label is favoured by the model's overall yes/no tendency.
+no label is favoured by the model's overall yes/no tendency. Intervals are percentile bootstrap
+intervals over held-out examples resampled within each class, the same resamples for every
+label, so differences between labels (found minus reference, best minus random) get paired
+intervals.
+
+Beside the per-example AUROC, the scores users of delphi and OpenAI's automated
+interpretability read: window-level detection (a window's largest margin against "the window
+holds a positive": AUROC, balanced accuracy, F1) and a simulation-style correlation (Pearson r
+between the per-token margin and the raw activation).
 """
 
 from __future__ import annotations
@@ -23,6 +36,11 @@ from tokenspace_jax.classifier import prefix
 from tokenspace_jax.models.llama import Llama
 
 IDENTIFIABILITY_MARGIN = 0.05
+# Below this many held-out positives (or negatives) a bootstrap interval is itself unreliable
+# (it is too narrow), so no verdict is given.
+MIN_HELDOUT_PER_CLASS = 10
+
+IDENTIFIABLE, NOT_IDENTIFIABLE, UNDETERMINED = 'identifiable', 'not identifiable', 'undetermined'
 
 
 def auroc(scores: np.ndarray, targets: np.ndarray) -> float:
@@ -36,7 +54,23 @@ def auroc(scores: np.ndarray, targets: np.ndarray) -> float:
 
 def balanced_accuracy(pred: np.ndarray, targets: np.ndarray) -> float:
   t = targets > 0.5
+  if not t.any() or t.all():
+    return float('nan')
   return float(0.5 * (pred[t].mean() + (~pred[~t]).mean()))
+
+
+def f1(pred: np.ndarray, targets: np.ndarray) -> float:
+  t = targets > 0.5
+  tp = float((pred & t).sum())
+  denominator = float(pred.sum() + t.sum())
+  return 2 * tp / denominator if denominator else float('nan')
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  if len(x) < 2 or x.std() == 0 or y.std() == 0:
+    return float('nan')
+  return float(np.corrcoef(x, y)[0, 1])
 
 
 def best_threshold(scores: np.ndarray, targets: np.ndarray) -> float:
@@ -44,66 +78,157 @@ def best_threshold(scores: np.ndarray, targets: np.ndarray) -> float:
   mids = np.concatenate([[candidates[0] - 1], (candidates[1:] + candidates[:-1]) / 2,
                          [candidates[-1] + 1]])
   accs = [balanced_accuracy(scores > m, targets) for m in mids]
-  return float(mids[int(np.argmax(accs))])
+  return float(mids[int(np.nanargmax(accs))])
+
+
+def bootstrap_aurocs(margins: np.ndarray, targets: np.ndarray, resamples: int,
+                     seed: int) -> np.ndarray:
+  """[L, resamples] AUROC of every label's margins [L, n] on the same class-stratified
+  resamples of the examples (so differences between labels are paired)."""
+  pos, neg = np.flatnonzero(targets > 0.5), np.flatnonzero(targets <= 0.5)
+  if resamples == 0 or len(pos) == 0 or len(neg) == 0:
+    return np.zeros((len(margins), 0))
+  rng = np.random.default_rng(seed)
+  # Multinomial counts of each example per resample: AUROC is then a weighted pair count.
+  count = lambda n: np.stack([np.bincount(rng.integers(0, n, n), minlength=n)
+                              for _ in range(resamples)]).astype(np.float64)
+  cp, cn = count(len(pos)), count(len(neg))  # [B, n_pos], [B, n_neg]
+  out = np.empty((len(margins), resamples))
+  for i, m in enumerate(margins):
+    a, b = m[pos], m[neg]
+    wins = (a[:, None] > b[None, :]) + 0.5 * (a[:, None] == b[None, :])  # [n_pos, n_neg]
+    out[i] = np.einsum('bp,pn,bn->b', cp, wins, cn) / (len(pos) * len(neg))
+  return out
+
+
+def interval(samples: np.ndarray, confidence: float) -> list[float] | None:
+  if samples.size == 0:
+    return None
+  tail = 100 * (1 - confidence) / 2
+  lo, hi = np.percentile(samples, [tail, 100 - tail])
+  return [float(lo), float(hi)]
 
 
 @dataclasses.dataclass(frozen=True)
 class LabelScore:
   token_id: int | list[int]  # a list for a label of several tokens
   token: str
-  role: str  # 'found', 'reference', 'random'
+  role: str  # 'found', 'descent', 'candidate', 'reference', 'random'
   auroc: float
+  auroc_interval: list[float] | None
   accuracy: float
   balanced_accuracy: float
   mean_p_yes: float
+  detection: dict  # window-level: auroc, balanced_accuracy, f1, windows, positive_windows
+  correlation: float  # Pearson r of the margin and the raw activation, over held-out tokens
 
   def as_dict(self):
     return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """Examples to score on: their slots in the caches, targets, windows and raw activations."""
+
+  slots: np.ndarray
+  targets: np.ndarray
+  windows: np.ndarray  # an id per example: examples of one text share it
+  activations: np.ndarray
+
+  def take(self, idx: np.ndarray) -> Split:
+    return Split(self.slots[idx], self.targets[idx], self.windows[idx], self.activations[idx])
+
+
 class LabelScorer:
-  """Yes/no margins of fixed labels (one token, or a sequence filling a multi-token slot),
-  over examples given by index."""
+  """Yes/no margins of fixed labels (each one token, or a sequence filling a slot of that many
+  tokens), for examples given by their slots in the prefix caches."""
 
   def __init__(self, model: Llama, params, caches: prefix.PrefixCaches, tail_ids, answer_ids,
-               full_vocab: bool, batch_size: int = 32):
+               full_vocab: bool, rows: int = 32):
     self.model, self.params, self.caches = model, params, caches
     self.tail_ids, self.answer_ids = jnp.asarray(tail_ids), jnp.asarray(answer_ids)
-    self.full_vocab, self.batch_size = full_vocab, batch_size
+    self.full_vocab, self.rows = full_vocab, rows
 
   @functools.cached_property
   def _margins(self):
     @jax.jit
-    def run(params, caches, idx, token_ids, tail_ids, answer_ids):
-      emb = params['embed'][token_ids]  # [K, hidden]: one compilation per label length
-      lp = prefix.answer_log_probs(self.model, params, caches.take(idx), emb, tail_ids,
-                                       answer_ids, jnp.zeros(()), self.full_vocab)
+    def run(params, caches, slots, label_ids, tail_ids, answer_ids):
+      emb = params['embed'][label_ids]  # [rows, K, hidden]: one compilation per label length
+      lp = prefix.answer_log_probs(self.model, params, caches.take(slots), emb, tail_ids,
+                                   answer_ids, jnp.zeros(()), self.full_vocab)
       return lp[:, 0] - lp[:, 1]
     return run
 
-  def margins(self, token_id: int | list[int], idx: np.ndarray) -> np.ndarray:
-    """log P(yes) - log P(no) per example (the same order as ``idx``)."""
-    out = []
-    for start in range(0, len(idx), self.batch_size):
-      chunk = idx[start:start + self.batch_size]
-      padded = np.pad(chunk, (0, self.batch_size - len(chunk)), mode='edge')
-      m = self._margins(self.params, self.caches, jnp.asarray(padded, jnp.int32),
-                        jnp.atleast_1d(jnp.asarray(token_id, jnp.int32)), self.tail_ids,
-                        self.answer_ids)
-      out.append(np.asarray(m)[:len(chunk)])
-    return np.concatenate(out)
+  def margins(self, labels: list, slots: np.ndarray) -> np.ndarray:
+    """[L, n] log P(yes) - log P(no) of every label (an id or a list of ids) on every slot."""
+    labels = [list(np.atleast_1d(np.asarray(x, np.int64))) for x in labels]
+    out = np.empty((len(labels), len(slots)), np.float32)
+    for k in sorted({len(x) for x in labels}):
+      which = [i for i, x in enumerate(labels) if len(x) == k]
+      ids = np.asarray([labels[i] for i in which], np.int32)  # [L_k, k]
+      pair_label = np.repeat(np.arange(len(which)), len(slots))
+      pair_slot = np.tile(np.asarray(slots, np.int32), len(which))
+      values = np.empty(len(pair_label), np.float32)
+      for start in range(0, len(pair_label), self.rows):
+        chunk = slice(start, start + self.rows)
+        n = len(pair_label[chunk])
+        pad = lambda x, n=n: np.pad(x, [(0, self.rows - n)] + [(0, 0)] * (x.ndim - 1),
+                                    mode='edge')
+        m = self._margins(self.params, self.caches, jnp.asarray(pad(pair_slot[chunk])),
+                          jnp.asarray(pad(ids[pair_label[chunk]])), self.tail_ids,
+                          self.answer_ids)
+        values[chunk] = np.asarray(m)[:n]
+      out[which] = values.reshape(len(which), len(slots))
+    return out
 
-  def score(self, token_id: int | list[int], token: str, role: str, calib_idx, calib_targets,
-            eval_idx, eval_targets) -> LabelScore:
-    threshold = best_threshold(self.margins(token_id, calib_idx), calib_targets)
-    m = self.margins(token_id, eval_idx)
-    pred = m > threshold
-    ids = [int(i) for i in np.atleast_1d(token_id)]
-    return LabelScore(token_id=ids[0] if np.ndim(token_id) == 0 else ids, token=token, role=role,
-                      auroc=auroc(m, eval_targets),
-                      accuracy=float((pred == (eval_targets > 0.5)).mean()),
-                      balanced_accuracy=balanced_accuracy(pred, eval_targets),
-                      mean_p_yes=float(jax.nn.sigmoid(m).mean()))
+  def training_aurocs(self, labels: list, split: Split) -> np.ndarray:
+    """AUROC of each label on a (training) split: what the final choice ranks by."""
+    return np.array([auroc(m, split.targets) for m in self.margins(labels, split.slots)])
+
+  def score(self, labels: list[tuple], calibration: Split, heldout: Split, *,
+            resamples: int = 1000, confidence: float = 0.95,
+            seed: int = 0) -> tuple[list[LabelScore], np.ndarray]:
+    """Scores of ``labels`` ((ids, text, role) each) on ``heldout``, thresholds fitted on
+    ``calibration``; and the [L, resamples] bootstrap AUROCs, for paired intervals."""
+    ids = [x[0] for x in labels]
+    both = self.margins(ids, np.concatenate([calibration.slots, heldout.slots]))
+    cal, held = both[:, :len(calibration.slots)], both[:, len(calibration.slots):]
+    samples = bootstrap_aurocs(held, heldout.targets, resamples, seed)
+    scores = []
+    for i, (token_id, text, role) in enumerate(labels):
+      threshold = best_threshold(cal[i], calibration.targets)
+      pred = held[i] > threshold
+      ids_i = [int(t) for t in np.atleast_1d(token_id)]
+      scores.append(LabelScore(
+          token_id=ids_i[0] if np.ndim(token_id) == 0 else ids_i, token=text, role=role,
+          auroc=auroc(held[i], heldout.targets),
+          auroc_interval=interval(samples[i], confidence),
+          accuracy=float((pred == (heldout.targets > 0.5)).mean()),
+          balanced_accuracy=balanced_accuracy(pred, heldout.targets),
+          mean_p_yes=float(jax.nn.sigmoid(held[i]).mean()),
+          detection=detection(cal[i], calibration, held[i], heldout),
+          correlation=pearson(held[i], heldout.activations)))
+    return scores, samples
+
+
+def window_max(margins: np.ndarray, split: Split) -> tuple[np.ndarray, np.ndarray]:
+  """(largest margin, holds a positive) per window of ``split``, in window order."""
+  windows, inverse = np.unique(split.windows, return_inverse=True)
+  best = np.full(len(windows), -np.inf)
+  np.maximum.at(best, inverse, margins)
+  positive = np.zeros(len(windows), bool)
+  np.logical_or.at(positive, inverse, split.targets > 0.5)
+  return best, positive.astype(np.float32)
+
+
+def detection(cal_margins, calibration: Split, held_margins, heldout: Split) -> dict:
+  """delphi's detection at the window level: threshold fitted on the calibration windows."""
+  cal_best, cal_pos = window_max(cal_margins, calibration)
+  best, pos = window_max(held_margins, heldout)
+  threshold = best_threshold(cal_best, cal_pos) if 0 < cal_pos.sum() < len(cal_pos) else 0.0
+  pred = best > threshold
+  return {'auroc': auroc(best, pos), 'balanced_accuracy': balanced_accuracy(pred, pos),
+          'f1': f1(pred, pos), 'windows': int(len(best)), 'positive_windows': int(pos.sum())}
 
 
 def random_label_tokens(allowed: np.ndarray, tokenizer, count: int, seed: int) -> list[int]:
@@ -119,47 +244,91 @@ def random_label_tokens(allowed: np.ndarray, tokenizer, count: int, seed: int) -
   return chosen
 
 
-def verdict(scores: list[LabelScore], margin: float = IDENTIFIABILITY_MARGIN) -> dict:
-  """Whether the label matters on this model and feature, and how the found one compares."""
-  by_role = lambda r: [s for s in scores if s.role == r]
-  found, reference, randoms = by_role('found'), by_role('reference'), by_role('random')
-  random_aucs = np.array([s.auroc for s in randoms])
-  random_mean = float(random_aucs.mean()) if len(random_aucs) else float('nan')
-  random_max = float(random_aucs.max()) if len(random_aucs) else float('nan')
-  best_named = max([s.auroc for s in found + reference], default=float('nan'))
-  dependence = best_named - random_mean
-  # Beating random tokens is not enough when they score below chance: the named label must also
-  # beat chance (0.5) by the margin.
-  above_chance = best_named - 0.5
-  identifiable = bool(dependence >= margin and above_chance >= margin)
-  out = {'identifiable': identifiable, 'random_auroc_mean': random_mean,
-         'random_auroc_max': random_max, 'best_named_auroc': best_named,
-         'label_dependence': dependence, 'above_chance': above_chance, 'margin': margin}
-  ref = reference[0] if reference else None
-  f = found[0] if found else None
-  weak = (f' The classifier is weak here (best AUROC {best_named:.3f}; chance is 0.5).'
-          if best_named < 0.6 else '')
-  if not identifiable and dependence >= margin:
-    out['message'] = (
-        f'NOT IDENTIFIABLE: the best named label scores AUROC {best_named:.3f}, near chance '
-        f'(0.5), though random tokens do worse (mean {random_mean:.3f}). The classifier cannot '
-        'use this concept; the found token is not evidence of what the feature means.')
-  elif not identifiable:
-    out['message'] = (
-        'NOT IDENTIFIABLE: the classifier separates positives from negatives about equally well '
-        f'whatever the label (random tokens: mean AUROC {random_mean:.3f}, best named label '
-        f'{best_named:.3f}). No label can be learned from this model on this feature with this '
-        'prompt; the found token is not evidence of what the feature means.' + weak)
-  elif f is not None and ref is not None:
-    beats = f.auroc >= ref.auroc - 0.01
-    out['found_matches_reference'] = bool(beats)
-    out['message'] = (
-        f'The label matters (best named label AUROC {best_named:.3f} vs random mean '
-        f'{random_mean:.3f}). Found {f.token!r}: AUROC {f.auroc:.3f}, balanced accuracy '
-        f'{f.balanced_accuracy:.3f}; reference {ref.token!r}: AUROC {ref.auroc:.3f}, balanced '
-        f'accuracy {ref.balanced_accuracy:.3f}. The found label '
-        + ('scores at least as well as the human reference.' if beats
-           else 'scores below the human reference.') + weak)
+def verdict(scores: list[LabelScore], samples: np.ndarray | None = None, *,
+            positives: int | None = None, negatives: int | None = None,
+            confidence: float = 0.95, margin: float = IDENTIFIABILITY_MARGIN) -> dict:
+  """Whether the label matters on this model and feature, how sure that is, and how the found
+  label compares with the reference.
+
+  ``samples`` are ``score``'s bootstrap AUROCs (rows in the order of ``scores``). The label
+  matters when the best named label (found or reference) beats both the random labels' mean and
+  chance (0.5) by ``margin``, with the paired intervals of both differences above zero. It does
+  not when either difference's interval lies wholly below ``margin``. Otherwise the held-out
+  split is too small to tell, and the verdict says so rather than guess; as it does when the
+  split holds fewer than ``MIN_HELDOUT_PER_CLASS`` positives or negatives.
+  """
+  roles = [s.role for s in scores]
+  pick = lambda role: [i for i, r in enumerate(roles) if r == role]
+  found, reference, randoms = pick('found'), pick('reference'), pick('random')
+  aurocs = np.array([s.auroc for s in scores])
+  random_mean = float(aurocs[randoms].mean()) if randoms else float('nan')
+  named = found + reference
+  best = max(named, key=lambda i: aurocs[i]) if named else None
+  best_named = float(aurocs[best]) if best is not None else float('nan')
+  dependence, above_chance = best_named - random_mean, best_named - 0.5
+  has_samples = samples is not None and samples.size > 0 and best is not None
+  if has_samples:
+    dep_samples = samples[best] - (samples[randoms].mean(axis=0) if randoms else np.nan)
+    dep_ci = interval(dep_samples, confidence)
+    chance_ci = interval(samples[best] - 0.5, confidence)
+  else:  # no intervals: the point estimates decide, as they always did
+    dep_ci = [dependence, dependence]
+    chance_ci = [above_chance, above_chance]
+  out = {'random_auroc_mean': random_mean,
+         'random_auroc_max': float(aurocs[randoms].max()) if randoms else float('nan'),
+         'best_named_auroc': best_named, 'label_dependence': dependence,
+         'label_dependence_interval': dep_ci if has_samples else None,
+         'above_chance': above_chance,
+         'above_chance_interval': chance_ci if has_samples else None,
+         'margin': margin, 'confidence': confidence, 'heldout_positives': positives,
+         'heldout_negatives': negatives}
+  few = any(n is not None and n < MIN_HELDOUT_PER_CLASS for n in (positives, negatives))
+  if best is None or not np.isfinite(dependence) or few:
+    status = UNDETERMINED
+  elif (dependence >= margin and above_chance >= margin and dep_ci[0] > 0
+        and chance_ci[0] > 0):
+    status = IDENTIFIABLE
+  elif dep_ci[1] < margin or chance_ci[1] < margin:
+    status = NOT_IDENTIFIABLE
   else:
-    out['message'] = f'The label matters (best AUROC {best_named:.3f} vs random {random_mean:.3f}).'
+    status = UNDETERMINED
+  out['status'] = status
+  out['identifiable'] = status == IDENTIFIABLE
+  ci = lambda c: f' [{c[0]:+.3f}, {c[1]:+.3f}]' if has_samples else ''
+  evidence = (f'best named label AUROC {best_named:.3f}, random mean {random_mean:.3f}: '
+              f'difference {dependence:+.3f}{ci(dep_ci)}; above chance {above_chance:+.3f}'
+              f'{ci(chance_ci)}')
+  if has_samples:
+    evidence += f' ({100 * confidence:.0f}% intervals)'
+  if status == NOT_IDENTIFIABLE:
+    out['message'] = (
+        f'NOT IDENTIFIABLE: the classifier\'s answers do not depend on the label here ({evidence}'
+        '). No label can be learned from this model on this feature with this prompt; the found '
+        'token is not evidence of what the feature means.')
+  elif status == UNDETERMINED:
+    n = '' if positives is None else f' ({positives} positives)'
+    out['message'] = (
+        f'UNDETERMINED: too few held-out examples{n} to tell whether the label matters '
+        f'({evidence}). Add held-out examples (docs/method.md#verdicts says how many).')
+  else:
+    out['message'] = f'The label matters ({evidence}).'
+  if found and reference:
+    f, r = found[0], reference[0]
+    diff = float(aurocs[f] - aurocs[r])
+    diff_ci = interval(samples[f] - samples[r], confidence) if has_samples else None
+    out['found_minus_reference'] = diff
+    out['found_minus_reference_interval'] = diff_ci
+    lo, hi = diff_ci or (diff, diff)
+    if lo > 0:
+      compare = 'beats'
+    elif hi >= 0 or diff >= -0.01:
+      compare = 'matches'
+    else:
+      compare = 'is below'
+    out['found_vs_reference'] = compare
+    out['found_matches_reference'] = compare != 'is below'
+    fs, rs = scores[f], scores[r]
+    out['message'] += (f' Found {fs.token!r}: AUROC {fs.auroc:.3f}; reference {rs.token!r}: '
+                       f'{rs.auroc:.3f}; the found label {compare} the reference '
+                       f'(difference {diff:+.3f}{ci(diff_ci) if diff_ci else ""}).')
   return out

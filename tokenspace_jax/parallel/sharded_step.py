@@ -20,12 +20,10 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from tokenspace_jax.classifier.objective import Objective
-from tokenspace_jax.engine import descent
 from tokenspace_jax.engine.descent import DescentData
 from tokenspace_jax.parallel import sharding
 
@@ -46,31 +44,36 @@ class MeanOverAxis:
     label, params = jax.lax.pcast((label, params), self.axis, to='varying')
     return jax.lax.pmean(self.objective(label, params, *args), self.axis)
 
+  def with_weights(self, weights) -> MeanOverAxis:
+    return MeanOverAxis(self.objective.with_weights(weights), self.axis)
+
   def __getattr__(self, name):  # learn_answer_bias, log_p, ...
     if name == 'objective':  # not yet set (copy, unpickling): no recursion
       raise AttributeError(name)
     return getattr(self.objective, name)
 
 
-def make_sharded_step(objective: Objective, optimizer: optax.GradientTransformation, mesh: Mesh,
-                      data: DescentData, top_k: int = 5):
-  """``step(state, data) -> (state, metrics)`` for data placed with ``sharding.data_shardings``.
+def make_sharded_rows_step(rows, objective: Objective, mesh: Mesh, data: DescentData):
+  """The label-rows step of ``engine.rows`` over ``mesh``, for data placed with
+  ``sharding.data_shardings``.
 
+  ``rows(objective)`` builds the unjitted ``step(state, data, hp, active)``; here it is built on
+  the mean-over-``data`` objective and run under ``shard_map``, manual over ``data`` only.
   ``data`` (arrays or ``jax.ShapeDtypeStruct``s) gives the tree structure and shapes the specs
-  are fitted to; its schedule holds local slots (``shard_layout.shard_schedule``). The state and
-  metrics are replicated; put the state on the mesh with ``sharding.replicated(mesh)``.
+  are fitted to; its schedule holds local slots (``shard_layout.shard_schedule``). The state,
+  the hyperparameters, the active mask and the metrics are replicated; put the state on the
+  mesh with ``sharding.replicated(mesh)``.
   """
   specs = sharding.data_specs(data, mesh)  # checks that the batch and examples divide evenly
   if mesh.shape[sharding.DATA] == 1:
     # One data shard: the plain step, the model axis left to the compiler. (A shard_map manual
     # over a size-1 axis with another axis auto makes XLA 0.10's partitioner reject the
     # all-reduce: "Cross-partition allreduce must be in (partial) manual partitioning mode".)
-    fn = descent.make_step(objective, optimizer, top_k).__wrapped__
+    fn = rows(objective)
   else:
-    body = descent.make_step(MeanOverAxis(objective, sharding.DATA), optimizer,
-                             top_k).__wrapped__
-    fn = jax.shard_map(body, mesh=mesh, in_specs=(P(), sharding.data_axis_specs(specs)),
-                       out_specs=P(), axis_names={sharding.DATA})
+    fn = jax.shard_map(rows(MeanOverAxis(objective, sharding.DATA)), mesh=mesh,
+                       in_specs=(P(), sharding.data_axis_specs(specs), P(), P()), out_specs=P(),
+                       axis_names={sharding.DATA})
   # Pinned: left to the compiler, the outputs may come back split along ``model`` (the label's
   # vocabulary axis, like the embedding's), and the next call would compile again.
   return jax.jit(fn, donate_argnums=(0,), out_shardings=sharding.replicated(mesh))

@@ -39,6 +39,7 @@ PARAM_RULES: tuple[tuple[str, P], ...] = (
     (r'embed', P(MODEL, None)),  # [V, D]
     (r'lm_head', P(None, MODEL)),  # [D, V]
     (r'layers/attn/(q|k|v)/kernel', P(None, None, MODEL)),  # [L, D, heads * head_dim]
+    (r'layers/attn/(q|k|v)/bias', P(None, MODEL)),  # [L, heads * head_dim] (Qwen2)
     (r'layers/attn/o/kernel', P(None, MODEL, None)),  # [L, heads * head_dim, D]
     (r'layers/mlp/(gate|up)/kernel', P(None, None, MODEL)),  # [L, D, F]
     (r'layers/mlp/down/kernel', P(None, MODEL, None)),  # [L, F, D]
@@ -145,24 +146,44 @@ def data_specs(data: DescentData, mesh: Mesh, rules: Sequence[tuple[str, P]] = P
 
   Everything indexed by example is split along ``data``: the prefix caches (which are also split
   along ``model`` on their KV-head axis, matching the K/V projections), the priors and the
-  targets. The schedule [steps, batch] is split on its batch axis, so each device reads the local
-  slots of its own share of every batch. The rest is small and replicated.
+  targets. The schedule ([steps, batch], or [rows, steps, batch]) is split on its batch axis, so
+  each device reads the local slots of its own share of every batch. The rest is small and
+  replicated.
   """
   c = data.caches
   caches = cache_specs(c, mesh)
-  for name, x in (('examples', c.valid.shape[0]), ('batch', data.schedule.shape[1])):
+  for name, x in (('examples', c.valid.shape[0]), ('batch', data.schedule.shape[-1])):
     if x % mesh.shape[DATA]:
       raise MeshError(f'The {name} axis ({x}) is not a multiple of mesh data='
                       f'{mesh.shape[DATA]}: pad it (see shard_layout).')
+  # The schedule's last axis is the batch: [steps, batch], or [rows, steps, batch].
+  schedule = P(*([None] * (data.schedule.ndim - 1)), DATA)
   return DescentData(
       params=param_specs(data.params, mesh, rules), caches=caches, targets=P(DATA),
-      schedule=P(None, DATA), tail_ids=P(), answer_ids=P(), allowed=P(), mean_log_prior=P())
+      schedule=schedule, tail_ids=P(), answer_ids=P(), allowed=P(), mean_log_prior=P())
 
 
 def data_shardings(data: DescentData, mesh: Mesh,
                    rules: Sequence[tuple[str, P]] = PARAM_RULES) -> DescentData:
   return jax.tree.map(lambda s: NamedSharding(mesh, s), data_specs(data, mesh, rules),
                       is_leaf=lambda x: isinstance(x, P))
+
+
+def place_data(data: DescentData, mesh: Mesh) -> DescentData:
+  """``data`` with its examples split along ``data`` and its weights placed by the rule table.
+
+  The weights and caches are moved device to device (a no-op where ``load_model`` and
+  ``prefix_caches`` already placed them); the small rest goes through the host, each process
+  uploading only the slices its own devices hold.
+  """
+  from tokenspace_jax.parallel import distributed
+
+  shardings = data_shardings(data, mesh)
+  on_device = lambda d: (d.params, d.caches)
+  rest = distributed.put_global(jax.device_get(data.replace(params={}, caches=None)),
+                                shardings.replace(params={}, caches=None))
+  params, caches = jax.device_put(on_device(data), on_device(shardings))
+  return rest.replace(params=params, caches=caches)
 
 
 def data_axis_specs(specs):

@@ -1,0 +1,138 @@
+"""The one descent loop: every label row of a run, stepped until each has stopped.
+
+A row is running, stopped early (its label's weakest position held ``early_stop.prob`` for
+``early_stop.patience`` steps), or non-finite (its loss or update stopped being finite: the step
+kept its last good state, and the row stops there; its record says why). Rows that stopped are
+left as they are while the others go on. The whole loop state (the rows, their status and
+early-stop streaks, the step) is what a checkpoint holds, so a run killed at any point resumes
+exactly where it was, an early stop included.
+
+SIGTERM or Ctrl-C (a preemption) sets a flag; the loop finishes the step in flight, writes a
+checkpoint and raises ``RunInterrupted``, and rerunning the same command resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tokenspace_jax.outputs.checkpoint import Checkpointer, StopFlag
+
+log = logging.getLogger('tokenspace_jax')
+
+RUNNING, STOPPED_EARLY, NON_FINITE = 0, 1, 2
+STATUS_NAMES = {RUNNING: 'finished', STOPPED_EARLY: 'stopped early', NON_FINITE: 'non-finite'}
+
+# Per-row metrics written to the trajectory, beside the step, the label and its top tokens.
+TRAJECTORY_TERMS = ('loss', 'answer_ce', 'entropy', 'kl', 'w_entropy', 'batch_accuracy',
+                    'answer_bias')
+
+
+class RunInterrupted(RuntimeError):
+  """SIGTERM or Ctrl-C: a checkpoint was written; rerunning the same command resumes."""
+
+
+class NonFiniteLossError(RuntimeError):
+  """Every row's loss became NaN or infinite; the last good states were kept in a checkpoint."""
+
+
+def initial_state(rows: dict) -> dict:
+  """The loop state around the stacked row states ``rows`` (leading axis: the rows)."""
+  n = rows['step'].shape[0]
+  return {'rows': rows, 'status': jnp.full(n, RUNNING, jnp.int32),
+          'streak': jnp.zeros(n, jnp.int32), 'bad_loss': jnp.zeros(n, jnp.float32),
+          't': jnp.zeros((), jnp.int32)}
+
+
+@dataclasses.dataclass
+class LoopResult:
+  state: dict  # the final loop state (host copies of status, streak, bad_loss)
+  steps_run: int  # steps taken in this process (not counting those before a resume)
+  compile_seconds: float | None  # the first step, with its compilation
+  descent_seconds: float
+
+  @property
+  def status(self) -> np.ndarray:
+    return np.asarray(self.state['status'])
+
+
+def descend(step_fn, state: dict, data, hp: dict, *, steps: int, early_stop_prob: float,
+            patience: int, ckpt: Checkpointer, stop: StopFlag,
+            trajectory=None, decode: Callable[[tuple], str] | None = None,
+            search: Callable | None = None, progress: bool = False,
+            name: str = '') -> LoopResult:
+  """Steps ``state`` (``initial_state``'s, or a restored checkpoint of it) to the end.
+
+  ``trajectory`` (``outputs.report.Trajectory``) gets a record per row and step; ``decode``
+  turns a tuple of token ids into text for it. ``search(rows, data, hp, active, t)`` runs before
+  step ``t`` and returns the rows, changed where it found a better token (``engine.search``).
+  """
+  from tqdm import tqdm
+
+  status = np.array(state['status'])
+  streak = np.array(state['streak'])
+  bad_loss = np.array(state['bad_loss'])
+  rows, t = state['rows'], int(state['t'])
+  pack = lambda: {'rows': rows, 'status': jnp.asarray(status), 'streak': jnp.asarray(streak),
+                  'bad_loss': jnp.asarray(bad_loss), 't': jnp.asarray(t, jnp.int32)}
+  records = trajectory.records if trajectory is not None else []
+  prior_elapsed = records[-1]['elapsed'] if records else 0.0
+  t0, compile_seconds, start = time.perf_counter(), None, t
+  with tqdm(total=steps, initial=t, disable=not progress, desc=name or None,
+            dynamic_ncols=True) as bar:
+    while t < steps and (status == RUNNING).any():
+      active = jnp.asarray(status == RUNNING)
+      if search is not None:
+        rows = search(rows, data, hp, active, t)
+      rows, metrics = step_fn(rows, data, hp, active)
+      m = jax.device_get(metrics)
+      if compile_seconds is None:
+        compile_seconds = time.perf_counter() - t0
+      running = status == RUNNING
+      failed = running & ~m['ok']
+      bad_loss[failed] = m['loss'][failed]
+      confidence = m['label_p'].min(axis=-1)
+      streak = np.where(running & m['ok'] & (confidence >= early_stop_prob), streak + 1, 0)
+      status[failed] = NON_FINITE
+      if early_stop_prob > 0:
+        status[running & m['ok'] & (streak >= patience)] = STOPPED_EARLY
+      if failed.any():
+        log.warning('%sRows %s: the loss became non-finite at step %d; they stop there, at '
+                    'their last good state.', f'{name}: ' if name else '',
+                    np.flatnonzero(failed).tolist(), t + 1)
+      t += 1
+      if trajectory is not None:
+        elapsed = prior_elapsed + time.perf_counter() - t0
+        for r in np.flatnonzero(running & m['ok']):
+          trajectory.append(_record(m, r, t, elapsed, decode))
+      bar.update(1)
+      if trajectory is not None and len(status) == 1 and running[0] and m['ok'][0]:
+        last = trajectory.records[-1]
+        bar.set_postfix_str(f'loss {last["loss"]:.3f} label {last["label"]!r} '
+                            f'p={min(last["label_p"]):.2f}')
+      ckpt.save(t, pack())
+      if stop:
+        ckpt.save(t, pack(), force=True)
+        raise RunInterrupted(f'{stop.signal_name} received: stopped after step {t} with a '
+                             'checkpoint. Rerun the same command to resume.')
+  ckpt.save(t, pack(), force=True)  # the final state, for a kill while results are written
+  return LoopResult(state=pack(), steps_run=t - start, compile_seconds=compile_seconds,
+                    descent_seconds=time.perf_counter() - t0)
+
+
+def _record(m: dict, r: int, step: int, elapsed: float, decode) -> dict:
+  decode = decode or (lambda ids: ' '.join(map(str, ids)))
+  record = {'step': step, 'row': int(r)}
+  record.update({k: float(m[k][r]) for k in TRAJECTORY_TERMS})
+  record['top'] = [[decode((int(i),)), float(p)] for i, p in zip(m['top_ids'][r], m['top_p'][r],
+                                                                   strict=True)]
+  record['label'] = decode(tuple(int(i) for i in m['label_ids'][r]))
+  record['label_p'] = [float(p) for p in m['label_p'][r]]
+  record['elapsed'] = elapsed
+  return record

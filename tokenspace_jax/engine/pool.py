@@ -1,0 +1,215 @@
+"""The pool: the examples, prefix caches and priors of F features, placed on the mesh.
+
+Every feature of a run is asked the same prompt, so one ``prefix_caches`` pass computes the
+shared instructions once and every example's own tokens once, for all features together. On a
+mesh the examples are stored in the slots of a ``shard_layout`` (each data shard a block holding
+its share of every feature's positives, negatives and held-out examples) and each shard draws
+its share of every batch from its own block, so prefix caches never move between devices.
+
+Examples are indexed feature-major (each feature's train examples, then its held-out ones);
+``slot_of`` maps them to where their caches are. A batch job passes ``n_local`` so that group
+after group has one shape and the step compiled for the first is reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import ConfigDict
+
+from tokenspace_jax.classifier import label as label_lib
+from tokenspace_jax.classifier import prefix, prompts
+from tokenspace_jax.config_defaults import ConfigValueError
+from tokenspace_jax.engine.descent import DescentData
+from tokenspace_jax.engine.rows import RowSpec
+from tokenspace_jax.features import Example, Feature, FeatureError
+from tokenspace_jax.models import LoadedModel
+from tokenspace_jax.parallel import shard_layout, sharding
+
+log = logging.getLogger('tokenspace_jax')
+
+
+class PoolMemoryError(ConfigValueError):
+  """The prefix caches would not fit; the message names the settings to lower."""
+
+
+def stratified_pick(targets: np.ndarray, cap: int, seed: int) -> np.ndarray:
+  """Indices of at most ``cap`` items, half positives where possible, in order; deterministic."""
+  if cap <= 0 or len(targets) <= cap:
+    return np.arange(len(targets))
+  rng = np.random.default_rng(seed)
+  pos, neg = np.flatnonzero(targets > 0.5), np.flatnonzero(targets <= 0.5)
+  n_pos = min(len(pos), max(cap // 2, cap - len(neg)))
+  return np.sort(np.concatenate([rng.choice(pos, n_pos, replace=False),
+                                 rng.choice(neg, cap - n_pos, replace=False)]))
+
+
+def capped(examples, cap: int, seed: int) -> list[Example]:
+  targets = np.array([e.target for e in examples])
+  return [examples[i] for i in stratified_pick(targets, cap, seed)]
+
+
+def feature_splits(config: ConfigDict, feature: Feature) -> tuple[list[Example], list[Example]]:
+  """The capped train and held-out examples of ``feature``; each split must hold both classes."""
+  train = capped(feature.train, config.feature.max_train, config.seed)
+  heldout = capped(feature.heldout, config.feature.max_heldout, config.seed + 1)
+  for split, xs in (('train', train), ('held-out', heldout)):
+    if not any(e.target > 0.5 for e in xs):
+      raise FeatureError(f'The {split} split of feature {feature.name!r} has no positive '
+                         'example: nothing to learn a label from. Lower feature.threshold or add '
+                         'texts where the feature fires.')
+    if not any(e.target <= 0.5 for e in xs):
+      raise FeatureError(f'The {split} split of feature {feature.name!r} has no negative example.')
+  return train, heldout
+
+
+@dataclasses.dataclass
+class Pool:
+  features: list[Feature]
+  examples: list[Example]  # feature-major: each feature's train examples, then its held-out ones
+  groups: np.ndarray  # [examples] the feature of each example
+  train: np.ndarray  # [examples] bool
+  targets: np.ndarray  # [examples] float32 in {0, 1}
+  layout: shard_layout.ExampleLayout
+  template: prompts.PromptTemplate
+  caches: prefix.PrefixCaches  # by slot, placed on the mesh
+  slot_targets: np.ndarray  # [slots] float32
+  tail_ids: np.ndarray
+  answer_ids: np.ndarray  # [2]: yes, no
+  allowed: np.ndarray  # [V] bool
+  schedules: np.ndarray  # [F, steps, batch] local slots
+  mean_log_priors: jax.Array  # [F, V] log q averaged over each feature's train examples
+  mesh: jax.sharding.Mesh | None  # None: one device
+  seconds: float
+
+  def split(self, feature: int, train: bool) -> np.ndarray:
+    """Example indices of one split of one feature."""
+    return np.flatnonzero((self.groups == feature) & (self.train == train))
+
+  @property
+  def slot_of(self) -> np.ndarray:
+    return self.layout.slot_of()
+
+  def descent_data(self, params, specs: list[RowSpec]) -> DescentData:
+    """The step's data for label rows ``specs``: each row's schedule and prior its feature's."""
+    rows = np.array([s.feature for s in specs])
+    data = DescentData(params=params, caches=self.caches, targets=jnp.asarray(self.slot_targets),
+                       schedule=jnp.asarray(self.schedules[rows]),
+                       tail_ids=jnp.asarray(self.tail_ids), answer_ids=jnp.asarray(self.answer_ids),
+                       allowed=jnp.asarray(self.allowed),
+                       mean_log_prior=jnp.take(self.mean_log_priors, jnp.asarray(rows), axis=0))
+    if self.mesh is None:
+      return data
+    try:
+      return sharding.place_data(data, self.mesh)
+    except sharding.MeshError as e:
+      raise ConfigValueError(str(e)) from None
+
+
+def build_pool(config: ConfigDict, lm: LoadedModel, features: list[Feature],
+               mesh: jax.sharding.Mesh | None = None, n_local: int = 0) -> Pool:
+  """Caps and lays out the features' examples, computes their caches, priors and schedules."""
+  start = time.perf_counter()
+  examples, groups, train = [], [], []
+  for f, feature in enumerate(features):
+    tr, held = feature_splits(config, feature)
+    examples += tr + held
+    groups += [f] * (len(tr) + len(held))
+    train += [True] * len(tr) + [False] * len(held)
+  groups, train = np.asarray(groups), np.asarray(train)
+  targets = np.array([e.target for e in examples], np.float32)
+  on_mesh = mesh is not None and mesh.size > 1
+  shards = mesh.shape[sharding.DATA] if on_mesh else 1
+  try:
+    layout = shard_layout.layout_examples(targets, train, shards, groups, n_local)
+  except shard_layout.LayoutError as e:
+    raise ConfigValueError(f'{e} (mesh.data={shards}).') from None
+  template = prompts.template_from_config(config.prompt)
+  enc = prompts.encode_prompts(template, lm.tokenizer,
+                               [(examples[i].text, examples[i].word) for i in layout.order])
+  _check_context(lm, enc, config.label.num_tokens)
+  _check_memory(lm, enc, layout.slots, shards, config)
+  placement = ((lambda abstract: sharding.cache_shardings(abstract, mesh)) if on_mesh else None)
+  caches = prefix.prefix_caches(lm.model, lm.params, enc.shared_ids, enc.prefix_ids,
+                                enc.prefix_mask, chunk=config.eval.batch_size,
+                                out_shardings=placement)
+  fraction = config.data.positive_fraction if config.data.sampling == 'balanced' else None
+  try:
+    schedules = np.stack([
+        shard_layout.shard_schedule(layout, targets, config.steps, config.data.batch_size,
+                                    fraction, config.seed, group=f)
+        for f in range(len(features))])
+  except shard_layout.LayoutError as e:
+    raise ConfigValueError(f'{e} (mesh.data={shards}, data.batch_size='
+                           f'{config.data.batch_size}).') from None
+  slot_of = layout.slot_of()
+  priors = jnp.stack([
+      jnp.take(caches.log_prior, jnp.asarray(slot_of[np.flatnonzero((groups == f) & train)]),
+               axis=0).mean(axis=0) for f in range(len(features))])
+  allowed = label_lib.allowed_mask(lm.tokenizer, lm.config.vocab_size, config.label.mask_special)
+  pool = Pool(features=list(features), examples=examples, groups=groups, train=train,
+              targets=targets, layout=layout, template=template, caches=caches,
+              slot_targets=layout.arrange(targets), tail_ids=np.asarray(enc.tail_ids),
+              answer_ids=np.asarray([enc.yes_id, enc.no_id], np.int32), allowed=allowed,
+              schedules=schedules, mean_log_priors=priors, mesh=mesh if on_mesh else None,
+              seconds=0.0)
+  jax.block_until_ready((caches, priors))  # so the time reported is the work done
+  pool.seconds = time.perf_counter() - start
+  return pool
+
+
+def _check_context(lm: LoadedModel, enc: prompts.EncodedPrompts, label_tokens: int):
+  length = len(enc.shared_ids) + enc.prefix_ids.shape[1] + label_tokens + len(enc.tail_ids)
+  limit = lm.config.max_position_embeddings
+  if length > limit:
+    raise FeatureError(f'The longest prompt is {length} tokens, beyond the model\'s context of '
+                       f'{limit}. Shorten the texts (feature.window) or the few-shot prompt.')
+
+
+def cache_bytes(lm: LoadedModel, enc: prompts.EncodedPrompts, slots: int) -> int:
+  """Bytes the prefix caches of ``slots`` examples take: keys and values of their own tokens,
+  their slot priors (one vocabulary row each) and the validity mask."""
+  c = lm.config
+  width = enc.prefix_ids.shape[1]
+  itemsize = jnp.dtype(lm.model.dtype).itemsize
+  kv = 2 * c.num_layers * width * c.num_kv_heads * c.head_dim * itemsize
+  return slots * (kv + 4 * c.vocab_size + width)
+
+
+def _available_bytes() -> int | None:
+  device = jax.local_devices()[0]
+  if device.platform == 'cpu':
+    try:
+      with open('/proc/meminfo') as f:
+        for line in f:
+          if line.startswith('MemAvailable:'):
+            return int(line.split()[1]) * 1024
+    except OSError:
+      return None
+    return None
+  stats = device.memory_stats() or {}
+  if 'bytes_limit' in stats:
+    return int(stats['bytes_limit'] - stats.get('bytes_in_use', 0))
+  return None
+
+
+def _check_memory(lm, enc, slots: int, shards: int, config: ConfigDict):
+  need = cache_bytes(lm, enc, slots)
+  per_device = need // shards
+  if os.environ.get('TOKENSPACE_JAX_SKIP_MEMORY_CHECK'):
+    return
+  free = _available_bytes()
+  if free is not None and per_device > 0.9 * free:
+    gb = lambda b: f'{b / 2**30:.1f} GB'
+    raise PoolMemoryError(
+        f'The prefix caches of {slots} examples ({enc.prefix_ids.shape[1]} tokens each) need '
+        f'about {gb(per_device)} per device, but only {gb(free)} is free. Lower '
+        f'feature.max_train ({config.feature.max_train}) or feature.max_heldout '
+        f'({config.feature.max_heldout}), batch.features_per_step, or feature.window; or use '
+        'more data shards (mesh.data).')

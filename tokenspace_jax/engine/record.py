@@ -1,0 +1,194 @@
+"""One record per label row: the final choice, the held-out scores, the verdict; and its views.
+
+Every command reports through these records: ``result.json`` (a single run) is the record of
+its one row, ``sweep.json`` the records of a feature's rows with which agree, and a line of the
+batch job's ``labels.jsonl`` a feature's best row. The best row of a feature is the one whose
+label scores best on the *training* split; the held-out split only reports.
+
+For each feature the scorer runs once over every label its rows and baselines need (one batched
+pass), with the same bootstrap resamples, so every row's verdict and interval is paired with the
+same baselines.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from ml_collections import ConfigDict
+
+from tokenspace_jax.classifier import label as label_lib
+from tokenspace_jax.engine import scoring
+from tokenspace_jax.engine.loop import NON_FINITE, STATUS_NAMES, STOPPED_EARLY, LoopResult
+from tokenspace_jax.engine.pool import Pool, stratified_pick
+from tokenspace_jax.engine.rows import RowSpec
+
+TOP = 10  # alternatives of the first position kept in a record
+
+
+def baseline_labels(config: ConfigDict, tokenizer, pool: Pool, feature: int,
+                    k: int) -> list[tuple]:
+  """(ids, text, role) of what a found label is compared with: the human reference word (all
+  of its tokens, whatever the slot's length) and ``eval.num_random`` random labels of ``k``
+  tokens."""
+  labels = []
+  word = pool.features[feature].reference_word
+  if word:
+    if k > 1:
+      ids = tokenizer(' ' + word.strip(), add_special_tokens=False)['input_ids']
+      labels.append((list(ids), ' ' + word.strip(), 'reference'))
+    else:
+      ids, spelling = label_lib.reference_ids(tokenizer, pool.template.user, word)
+      labels.append((ids[0] if len(ids) == 1 else ids, spelling, 'reference'))
+  randoms = scoring.random_label_tokens(pool.allowed, tokenizer, config.eval.num_random * k,
+                                        config.seed)
+  for j in range(0, len(randoms) - k + 1, k):
+    ids = randoms[j:j + k]
+    labels.append((ids if k > 1 else ids[0], tokenizer.decode(ids), 'random'))
+  return labels
+
+
+def extra_candidates(config: ConfigDict, tokenizer, pool: Pool) -> list:
+  """``choice.candidates`` as labels (an id, or the ids of a word of several tokens)."""
+  out = []
+  for word in filter(None, (w.strip() for w in config.choice.candidates.split(','))):
+    ids, _ = label_lib.reference_ids(tokenizer, pool.template.user, word)
+    out.append(ids[0] if len(ids) == 1 else ids)
+  return out
+
+
+def _split(pool: Pool, idx: np.ndarray) -> scoring.Split:
+  ex = [pool.examples[i] for i in idx]
+  windows = np.array([pool.groups[i] * 1_000_000 + getattr(e, 'window', i)
+                      for i, e in zip(idx, ex, strict=True)])
+  return scoring.Split(slots=pool.slot_of[idx], targets=pool.targets[idx], windows=windows,
+                       activations=np.array([e.activation for e in ex], np.float64))
+
+
+def _key(ids) -> tuple:
+  return tuple(int(i) for i in np.atleast_1d(ids))
+
+
+def _label(ids):
+  ids = [int(i) for i in np.atleast_1d(ids)]
+  return ids[0] if len(ids) == 1 else ids
+
+
+def score_rows(config: ConfigDict, tokenizer, scorer: scoring.LabelScorer, pool: Pool,
+               specs: list[RowSpec], result: LoopResult, p: np.ndarray,
+               trajectory: list[dict] | None = None) -> list[dict]:
+  """The record of every row. ``p`` [N, K, V] is each row's final distribution."""
+  status = result.status
+  steps = np.asarray(result.state['rows']['step'])
+  decode = lambda ids: tokenizer.decode([int(i) for i in np.atleast_1d(ids)])
+  multi = p.shape[1] > 1
+  records: list[dict | None] = [None] * len(specs)
+  for f in range(len(pool.features)):
+    rows = [r for r, s in enumerate(specs) if s.feature == f]
+    failed = [r for r in rows if int(status[r]) == NON_FINITE]
+    for r in failed:  # kept at their last good state, but not scored
+      records[r] = _record(specs[r], r, pool, f, p, _label(p[r].argmax(-1)),
+                           _label(p[r].argmax(-1)), decode, status, steps, trajectory,
+                           pool.split(f, True), pool.split(f, False), None)
+    rows = [r for r in rows if r not in failed]
+    if not rows:
+      continue
+    train, held = pool.split(f, True), pool.split(f, False)
+    calib = train[stratified_pick(pool.targets[train], config.eval.calibration_examples,
+                                  config.seed + 2)]
+    chooser = train[stratified_pick(pool.targets[train], config.choice.examples,
+                                    config.seed + 3)]
+    extra = extra_candidates(config, tokenizer, pool)
+    # Each row's candidates: its descent label first, then its top tokens, then the extras.
+    candidates = {}
+    for r in rows:
+      own = [int(i) for i in p[r].argmax(-1)]
+      cands = [_label(own)]
+      if config.choice.top_k > 0:
+        if multi:  # one position at a time takes one of its top alternatives
+          for pos in range(p.shape[1]):
+            for i in np.argsort(-p[r, pos])[:config.choice.top_k]:
+              cands.append(own[:pos] + [int(i)] + own[pos + 1:])
+        else:
+          cands += [int(i) for i in np.argsort(-p[r, 0])[:config.choice.top_k]]
+        cands += extra
+      candidates[r] = list({_key(c): c for c in cands}.values())
+    distinct = list({_key(c): c for r in rows for c in candidates[r]}.values())
+    train_auroc = dict(zip(map(_key, distinct),
+                           scorer.training_aurocs(distinct, _split(pool, chooser)), strict=True))
+    chosen = {r: (max(candidates[r], key=lambda c: train_auroc[_key(c)])
+                  if config.choice.top_k > 0 else candidates[r][0]) for r in rows}
+    baselines = baseline_labels(config, tokenizer, pool, f, p.shape[1])
+    labels = list({_key(c): c for r in rows for c in (chosen[r], candidates[r][0])}.values())
+    scored = ([(c, decode(c), 'found') for c in labels] + baselines)
+    scores, samples = scorer.score(
+        scored, _split(pool, calib), _split(pool, held), resamples=config.eval.bootstrap,
+        confidence=config.eval.confidence, seed=config.seed + 4)
+    by_key = {_key(s.token_id): i for i, s in enumerate(scores[:len(labels)])}
+    base_idx = list(range(len(labels), len(scores)))
+    positives = int(pool.targets[held].sum())
+    for r in rows:
+      spec = specs[r]
+      found, own = by_key[_key(chosen[r])], by_key[_key(candidates[r][0])]
+      row_scores = [scores[found]] + [scores[i] for i in base_idx]
+      verdict = scoring.verdict(row_scores, samples[[found] + base_idx], positives=positives,
+                                negatives=int(len(held) - positives),
+                                confidence=config.eval.confidence)
+      descent_score = scores[own].as_dict() | {'role': 'descent'}
+      record = _record(spec, r, pool, f, p, chosen[r], candidates[r][0], decode, status, steps,
+                       trajectory, train, held, positives)
+      record['choice'] = {
+          'examples': int(len(chooser)),
+          'changed': _key(chosen[r]) != _key(candidates[r][0]),
+          'candidates': [{'token': decode(c), 'token_id': _label(c),
+                          'train_auroc': train_auroc.get(_key(c))} for c in candidates[r]]}
+      record['heldout']['scores'] = [s.as_dict() for s in row_scores]
+      record['heldout']['descent'] = descent_score
+      record['heldout']['verdict'] = verdict
+      record['identifiable'] = verdict['identifiable']
+      record['verdict'] = verdict['message']
+      record['train_auroc'] = train_auroc[_key(chosen[r])]
+      records[r] = record
+  return records
+
+
+def _record(spec, r, pool, f, p, chosen, own, decode, status, steps, trajectory, train, held,
+            positives) -> dict:
+  feature = pool.features[f]
+  probability = float(np.prod([p[r, k, i] for k, i in enumerate(np.atleast_1d(chosen))])
+                      ) if len(np.atleast_1d(chosen)) == p.shape[1] else None
+  top = [{'token': decode(i), 'id': int(i), 'p': float(p[r, 0, i])}
+         for i in np.argsort(-p[r, 0])[:TOP]]
+  rows_of = [x for x in (trajectory or []) if x.get('row', 0) == r]
+  p90 = next((x['step'] for x in rows_of if min(x['label_p']) >= 0.9), None)
+  last = rows_of[-1] if rows_of else {}
+  record = {
+      'feature': feature.name, 'row': r, 'restart': spec.restart,
+      **spec.hyperparameters(),
+      'label': decode(chosen), 'token_id': _label(chosen), 'probability': probability,
+      'descent_label': decode(own), 'descent_token_id': _label(own),
+      'descent_probability': float(p[r].max(-1).min()),
+      'top10': top,
+      'positions': ([[{'token': decode(i), 'id': int(i), 'p': float(p[r, k, i])}
+                      for i in np.argsort(-p[r, k])[:5]] for k in range(p.shape[1])]
+                    if p.shape[1] > 1 else None),
+      'status': STATUS_NAMES[int(status[r])], 'steps': int(steps[r]),
+      'stopped_early': int(status[r]) == STOPPED_EARLY, 'steps_to_p90': p90,
+      'final_losses': {k: last.get(k) for k in ('loss', 'answer_ce', 'entropy', 'kl',
+                                                'answer_bias')},
+      'heldout': {'examples': int(len(held)), 'positives': positives},
+      'train': {'examples': int(len(train)),
+                'positives': int(pool.targets[train].sum())},
+      'reference_word': feature.reference_word,
+  }
+  if int(status[r]) == NON_FINITE:
+    record['error'] = ('The loss became non-finite; the row stopped at its last good state '
+                       f'(step {int(steps[r])}). Lower optim.lr, or check the model weights and '
+                       'dtype (bfloat16 overflows more easily than float32).')
+  return record
+
+
+def best_row(records: list[dict]) -> dict:
+  """The row whose label scores best on the training split (ties: the first); rows that
+  failed only when every row did."""
+  ok = [x for x in records if 'error' not in x] or records
+  return max(ok, key=lambda x: (x['train_auroc'] if x.get('train_auroc') is not None
+                                else -np.inf, -x['row']))

@@ -1,0 +1,105 @@
+"""The engine's one entry: label rows over a pool of features, from caches to records.
+
+``label_features`` is what every command runs, at its own size: ``main`` with one feature (one
+row, or the rows of a sweep), the batch job with a group of ``batch.features_per_step``
+features at a time. It builds the pool, the rows and the step, resumes from the checkpoint
+directory it is given, descends, and scores; the command decides what to write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+
+from tokenspace_jax.classifier import label as label_lib
+from tokenspace_jax.classifier.objective import objective_from_config
+from tokenspace_jax.engine import descent, loop, record, rows, scoring, search
+from tokenspace_jax.engine.pool import Pool, build_pool
+from tokenspace_jax.features import Feature
+from tokenspace_jax.models import LoadedModel
+from tokenspace_jax.outputs.checkpoint import Checkpointer, StopFlag
+from tokenspace_jax.outputs.report import Trajectory
+from tokenspace_jax.parallel import sharding
+
+log = logging.getLogger('tokenspace_jax')
+
+
+@dataclasses.dataclass
+class Labeled:
+  records: list[dict]  # one per row, in row order (feature-major)
+  specs: list[rows.RowSpec]
+  pool: Pool
+  loop: loop.LoopResult
+  trajectory: list[dict]
+  resumed_at: int | None
+  seconds: dict  # pool, descent, compile, scoring
+
+
+def label_features(config: ConfigDict, lm: LoadedModel, features: list[Feature], *,
+                   checkpoints: str, stop: StopFlag, mesh: jax.sharding.Mesh | None = None,
+                   trajectory_path: str | None = None, write: bool = True,
+                   progress: bool = False, name: str = '', n_local: int = 0,
+                   pool: Pool | None = None) -> Labeled:
+  """Every row of every feature descended from ``checkpoints`` (resumed when it holds one) and
+  scored. ``write`` is False on processes other than 0 of a multi-host job."""
+  pool = pool or build_pool(config, lm, features, mesh, n_local)
+  specs = rows.row_specs(config, len(features))
+  objective = objective_from_config(config, lm.model)
+  optimizer = descent.make_optimizer(config.optim)
+  word_id = (label_lib.token_id_for_word(lm.tokenizer, config.label.init_word)
+             if config.label.init == 'word' else None)
+  state = loop.initial_state(rows.init_rows(config, specs, np.asarray(pool.mean_log_priors),
+                                            lm.config.vocab_size, word_id, optimizer))
+  data = pool.descent_data(lm.params, specs)
+  hp = rows.stacked_hyperparameters(specs)
+  if pool.mesh is not None:
+    state, hp = jax.device_put((state, hp), sharding.replicated(pool.mesh))
+  step_fn = rows.make_rows_step(objective, optimizer, config.optim.lr, pool.mesh, data)
+  searcher = None
+  if config.search.every > 0 and config.label.num_tokens == 1:
+    block = config.data.batch_size // pool.layout.data
+    offsets = np.repeat(np.arange(pool.layout.data), block) * pool.layout.n_local
+    searcher = search.make_search(objective, config.search.every, config.search.candidates,
+                                  offsets)
+  ckpt = Checkpointer(checkpoints, config.checkpoint_every)
+  trajectory = None
+  try:
+    restored = ckpt.restore(state)
+    resumed_at = None
+    if restored is not None:
+      state, resumed_at = restored, int(restored['t'])
+      log.info('%sResumed from the checkpoint at step %d.', f'{name}: ' if name else '',
+               resumed_at)
+    if trajectory_path is not None:
+      trajectory = Trajectory(trajectory_path, int(state['t']), write=write)
+    tok = lm.tokenizer
+    decoded = {}
+    decode = lambda ids: decoded.setdefault(ids, tok.decode(list(ids)))
+    result = loop.descend(
+        step_fn, state, data, hp, steps=config.steps, early_stop_prob=config.early_stop.prob,
+        patience=config.early_stop.patience, ckpt=ckpt, stop=stop, trajectory=trajectory,
+        decode=decode, search=searcher, progress=progress, name=name)
+  finally:
+    if trajectory is not None:
+      trajectory.close()
+    ckpt.close()
+  start = time.perf_counter()
+  label = jax.device_get(result.state['rows']['label'])
+  p = np.asarray(jax.vmap(label_lib.probabilities, in_axes=(0, None, None))(
+      label, pool.allowed, config.label.temperature))  # [N, K, V]
+  scorer = scoring.LabelScorer(lm.model, lm.params, pool.caches, pool.tail_ids,
+                               pool.answer_ids, config.loss.answer == 'full',
+                               config.eval.batch_size)
+  records = record.score_rows(config, lm.tokenizer, scorer, pool, specs, result, p,
+                              trajectory.records if trajectory is not None else None)
+  return Labeled(records=records, specs=specs, pool=pool, loop=result,
+                 trajectory=trajectory.records if trajectory is not None else [],
+                 resumed_at=resumed_at,
+                 seconds={'pool': pool.seconds, 'descent': result.descent_seconds,
+                          'compile': result.compile_seconds,
+                          'scoring': time.perf_counter() - start})
