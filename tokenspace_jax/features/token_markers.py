@@ -95,7 +95,7 @@ def normalize_tokens(tokens: list[str], activations: list[float], where: str,
     pieces = [_sentencepiece_bytes(t) for t in tokens]
   else:
     pieces = [_byte_level_bytes(t, i, where) for i, t in enumerate(tokens)]
-  return _merge_characters(pieces, activations, where, scheme)
+  return tokens_from_bytes(pieces, activations, where, scheme)
 
 
 def _sentencepiece_bytes(token: str) -> bytes:
@@ -127,29 +127,27 @@ def token_bytes(token: str, scheme: str) -> bytes | None:
   return None
 
 
-def _merge_characters(pieces: list[bytes], activations: list[float], where: str,
+def tokens_from_bytes(pieces: list[bytes], activations: list[float], where: str,
                       scheme: str) -> tuple[list[str], list[float]]:
-  data = b''.join(pieces)
-  try:
-    text = data.decode('utf-8')
-  except UnicodeDecodeError as e:
-    raise FeatureError(f'{where}: the {scheme} tokens spell bytes that are not UTF-8 text '
-                       f'({e.reason} at byte {e.start}), so the text cannot be recovered; check '
-                       'that the tokens are complete and come from one tokenizer.') from None
-  char_at = {}  # byte offset of each character boundary -> character index
-  offset = 0
-  for i, c in enumerate(text):
-    char_at[offset] = i
-    offset += len(c.encode('utf-8', 'surrogatepass'))
-  char_at[offset] = len(text)
-
+  """Text tokens of the byte pieces, those of one character merged (the max activation)."""
   tokens, acts = [], []
-  byte_start, byte_end, act = 0, 0, None
+  buf, act = b'', None
   for piece, a in zip(pieces, activations, strict=True):
-    byte_end += len(piece)
+    buf += piece
     act = a if act is None else max(act, a)
-    if byte_end in char_at:  # Whole characters so far: close the token.
-      tokens.append(text[char_at[byte_start]:char_at[byte_end]])
-      acts.append(act)
-      byte_start, act = byte_end, None
+    try:
+      text = buf.decode('utf-8')
+    except UnicodeDecodeError as e:
+      if e.reason == 'unexpected end of data':
+        continue  # The character goes on in the next piece.
+      raise FeatureError(f'{where}: the {scheme} tokens spell bytes that are not UTF-8 text '
+                         f'({e.reason}), so the text cannot be recovered; check that the tokens '
+                         'are complete and come from one tokenizer.') from None
+    tokens.append(text)
+    acts.append(act)
+    buf, act = b'', None
+  if buf:
+    raise FeatureError(f'{where}: the {scheme} tokens end inside a character (bytes not UTF-8 '
+                       'text), so the text cannot be recovered; check that the tokens are '
+                       'complete.')
   return tokens, acts

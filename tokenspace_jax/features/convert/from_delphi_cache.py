@@ -219,9 +219,9 @@ def _latent_records(fid, source, rows, pos, values, tokens, window, per_row, n_n
   items = [(int(windows[k]), dense[k]) for k in chosen] + [(int(w), None) for w in negatives]
   for w, act in items:
     row, col = divmod(w, per_row)
-    ids = [int(t) for t in tokens[row, col * window:min((col + 1) * window, ctx)]]
+    ids = tokens[row, col * window:min((col + 1) * window, ctx)].tolist()
     where = f'{path} row {row} tokens {col * window}-{col * window + len(ids) - 1}'
-    acts = [float(a) for a in act[:len(ids)]] if act is not None else [0.0] * len(ids)
+    acts = act[:len(ids)].tolist() if act is not None else [0.0] * len(ids)
     try:
       rec = {'feature_id': fid, **decoder.fields(ids, acts, where), 'source': source}
     except FeatureError as e:

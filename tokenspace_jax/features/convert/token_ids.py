@@ -16,7 +16,7 @@ import os
 from typing import Any
 
 from tokenspace_jax.features.example import FeatureError
-from tokenspace_jax.features.token_markers import normalize_tokens, token_bytes
+from tokenspace_jax.features.token_markers import normalize_tokens, token_bytes, tokens_from_bytes
 
 
 def load_tokenizer_for(spec: Any, model_name: str | None, where: str) -> Any:
@@ -85,6 +85,7 @@ class IdDecoder:
     self.special = frozenset(tokenizer.all_special_ids)
     self.scheme = piece_scheme(tokenizer)
     self._pieces: dict[int, str] = {}
+    self._bytes: dict[int, bytes | None] = {}
     self._vocab = len(tokenizer)
 
   def _piece(self, i: int) -> str:
@@ -92,6 +93,12 @@ class IdDecoder:
     if p is None:
       p = self._pieces[i] = self.tokenizer.convert_ids_to_tokens(i)
     return p
+
+  def _piece_bytes(self, i: int) -> bytes | None:
+    b = self._bytes.get(i, False)
+    if b is False:
+      b = self._bytes[i] = token_bytes(self._piece(i), self.scheme)
+    return b
 
   def fields(self, ids: list[int], acts: list[float], where: str) -> dict:
     for i in ids:
@@ -101,32 +108,42 @@ class IdDecoder:
                            'made with (--tokenizer=PATH).')
     kept = [(i, a) for i, a in zip(ids, acts, strict=True) if i not in self.special]
     ids, acts = [i for i, _ in kept], [a for _, a in kept]
-    if self.scheme != 'decode':
-      ids, acts = self._trim_partial_characters(ids, acts)
+    if self.scheme == 'decode':
+      if not ids:
+        raise FeatureError(f'{where}: no text (only special tokens).')
+      if self.keep_ids:
+        return {'text': self.tokenizer.decode(ids), 'token_ids': ids, 'activations': acts}
+      return self._decoded(ids, acts, where)
+    pieces = [self._piece_bytes(i) for i in ids]
+    if any(p is None for p in pieces):
+      bad = ids[[p is None for p in pieces].index(True)]
+      raise FeatureError(f'{where}: token {bad} ({self._piece(bad)!r}) is not a {self.scheme} '
+                         'piece, so its text is unknown.')
+    start, end = self._whole_characters(pieces)
+    ids, acts, pieces = ids[start:end], acts[start:end], pieces[start:end]
     if not ids:
       raise FeatureError(f'{where}: no text (only special tokens).')
     if self.keep_ids:
       return {'text': self.tokenizer.decode(ids), 'token_ids': ids, 'activations': acts}
-    if self.scheme == 'decode':
-      return self._decoded(ids, acts, where)
-    tokens, acts = normalize_tokens([self._piece(i) for i in ids], acts, where, self.scheme)
+    tokens, acts = tokens_from_bytes(pieces, acts, where, self.scheme)
     return {'tokens': tokens, 'activations': acts}
 
-  def _trim_partial_characters(self, ids: list[int], acts: list[float]):
-    pieces = [token_bytes(self._piece(i), self.scheme) or b'' for i in ids]
+  @staticmethod
+  def _whole_characters(pieces: list[bytes]) -> tuple[int, int]:
+    """``[start, end)`` of the pieces without a character cut off at either edge."""
     start = 0
-    while start < len(ids) and pieces[start] and pieces[start][0] & 0xC0 == 0x80:
+    while start < len(pieces) and pieces[start] and pieces[start][0] & 0xC0 == 0x80:
       start += 1  # Starts with a continuation byte: the rest of a character cut off before.
-    end = len(ids)
+    end = len(pieces)
     for _ in range(4):  # A UTF-8 character has at most 4 bytes.
       try:
         b''.join(pieces[start:end]).decode('utf-8')
         break
       except UnicodeDecodeError as e:
         if e.reason != 'unexpected end of data' or end <= start:
-          break  # Bad bytes inside: normalize_tokens names them.
+          break  # Bad bytes inside: tokens_from_bytes names them.
         end -= 1
-    return ids[start:end], acts[start:end]
+    return start, end
 
   def _decoded(self, ids: list[int], acts: list[float], where: str) -> dict:
     text = self.tokenizer.decode(ids)
