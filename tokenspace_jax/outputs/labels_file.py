@@ -3,7 +3,8 @@
 A batch job is preempted at arbitrary moments, so the file is its record of what is done: a
 line is on disk (flushed and fsynced) before the job moves on, a feature already in the file is
 never written again, and a last line cut short by a kill is removed on reopening (its feature is
-then simply not done yet).
+then simply not done yet). A line is one ``write()`` cut back if it fails, and a full disk or a
+read-only workdir is one :class:`storage.StorageError` line naming the file.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+
+from tokenspace_jax.outputs import storage
 
 log = logging.getLogger('tokenspace_jax')
 
@@ -22,7 +25,7 @@ class LabelsFile:
     self._done: set = set()
     self.lines = 0
     self._repair_and_read()
-    self._file = open(path, 'a', encoding='utf-8')
+    self._fd = storage.open_append(path)
 
   def _repair_and_read(self):
     if not os.path.exists(self.path):
@@ -33,7 +36,7 @@ class LabelsFile:
     if len(complete) != len(data):
       log.warning('%s: dropping a last line cut short (%d bytes), most likely by a kill.',
                   self.path, len(data) - len(complete))
-      with open(self.path, 'r+b') as f:
+      with storage.translated(self.path), open(self.path, 'r+b') as f:
         f.truncate(len(complete))
         os.fsync(f.fileno())
     for line in complete.decode('utf-8').split('\n'):
@@ -49,15 +52,17 @@ class LabelsFile:
     fid = _hashable(record[self.key])
     if fid in self._done:
       return False
-    self._file.write(json.dumps(record, ensure_ascii=False) + '\n')
-    self._file.flush()
-    os.fsync(self._file.fileno())
+    line = (json.dumps(record, ensure_ascii=False) + '\n').encode('utf-8')
+    storage.append_line(self._fd, line, self.path)
+    storage.fsync(self._fd, self.path)
     self._done.add(fid)
     self.lines += 1
     return True
 
   def close(self):
-    self._file.close()
+    if self._fd is not None:
+      os.close(self._fd)
+      self._fd = None
 
 
 def _hashable(feature_id):

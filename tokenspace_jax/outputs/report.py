@@ -2,69 +2,92 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 from collections.abc import Sequence
 
 import numpy as np
 
+from tokenspace_jax.outputs import storage
+
+log = logging.getLogger('tokenspace_jax')
+
 
 class Trajectory:
-  """Per-step records, appended and flushed each step; on resume, cut back to the checkpoint.
+  """Per-step records, appended each step; on resume, cut back to the checkpoint.
 
-  ``write=False`` (processes other than 0 of a multi-host job) reads the file but never writes.
+  The file only ever grows by whole lines: each record is one ``write()`` of its full line, cut
+  back if that fails (a full disk), so a kill or a fault can at most leave a last line cut
+  short, and reopening drops it together with the records after ``resume_step`` by truncating
+  the file (which needs no free space, unlike rewriting it). ``write=False`` (processes other
+  than 0 of a multi-host job) reads the file but never writes.
   """
 
   def __init__(self, path: str, resume_step: int, write: bool = True):
     self.path = path
     self.write = write
     self.records = []
-    if os.path.exists(path) and resume_step > 0:
-      with open(path) as f:
-        for line in f:
-          try:
-            record = json.loads(line)
-          except json.JSONDecodeError:
-            break  # a line cut short by a kill
-          if record['step'] > resume_step:
-            break
-          self.records.append(record)
-    self._file = None
+    keep = 0  # bytes of the file that hold the records kept
+    size = 0
+    if os.path.exists(path):
+      with open(path, 'rb') as f:
+        data = f.read()
+      size = len(data)
+      if resume_step > 0:
+        keep = self._read(data, resume_step)
+    self._fd = None
     if write:
-      self._write_all()
-      self._file = open(path, 'a')
+      self._fd = storage.open_append(path)
+      if keep != size:
+        with storage.translated(path):
+          os.ftruncate(self._fd, keep)
+          os.fsync(self._fd)
 
-  def _write_all(self):
-    tmp = self.path + '.tmp'
-    with open(tmp, 'w') as f:
-      for r in self.records:
-        f.write(json.dumps(r, ensure_ascii=False) + '\n')
-    os.replace(tmp, self.path)
+  def _read(self, data: bytes, resume_step: int) -> int:
+    keep = 0
+    while keep < len(data):
+      end = data.find(b'\n', keep)
+      if end < 0:
+        log.warning('%s: dropping a last line cut short (%d bytes), most likely by a kill.',
+                    self.path, len(data) - keep)
+        break
+      try:
+        record = json.loads(data[keep:end])
+      except (json.JSONDecodeError, UnicodeDecodeError):
+        log.warning('%s: line %d is not JSON; it and the lines after it are dropped.',
+                    self.path, len(self.records) + 1)
+        break
+      if record['step'] > resume_step:
+        break
+      self.records.append(record)
+      keep = end + 1
+    return keep
 
   def append(self, record: dict):
     self.records.append(record)
-    if self._file is not None:
-      self._file.write(json.dumps(record, ensure_ascii=False) + '\n')
-      self._file.flush()
+    if self._fd is not None:
+      line = (json.dumps(record, ensure_ascii=False) + '\n').encode('utf-8')
+      storage.append_line(self._fd, line, self.path)
+
+  def sync(self):
+    """Makes the lines written so far durable (e.g. right after a checkpoint)."""
+    if self._fd is not None:
+      storage.fsync(self._fd, self.path)
 
   def close(self):
-    if self._file is not None:
-      self._file.close()
+    if self._fd is not None:
+      os.close(self._fd)
+      self._fd = None
 
 
 def write_json(path: str, data: dict):
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(data, f, indent=2, ensure_ascii=False, default=_jsonable)
-  os.replace(tmp, path)
+  """Replaces ``path`` durably (temporary file, fsync, rename): a fault leaves the old file."""
+  storage.write_json(path, data)
 
 
-def _jsonable(x):
-  if isinstance(x, np.generic):
-    return x.item()
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  return str(x)
+_jsonable = storage.jsonable
 
 
 def _cjk_font():
@@ -117,5 +140,9 @@ def plot_trajectory(records: Sequence[dict], path: str, title: str, leading: int
   ax2.legend(fontsize=8)
   ax2.set_title('loss terms')
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  image = io.BytesIO()
+  try:
+    fig.savefig(image, format='png', dpi=110)
+  finally:
+    plt.close(fig)
+  storage.atomic_write_bytes(path, image.getvalue())
