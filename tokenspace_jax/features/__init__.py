@@ -1,7 +1,8 @@
 """Labeling data: examples (a word in its text, and whether a feature fires on it) and features.
 
 Synthetic features with known answers validate the labeler; activation records bring in real SAE
-features; the sampler turns either into balanced, resumable batches.
+features (``features.convert`` writes them from delphi, Neuronpedia, OpenAI and SAELens data); the
+sampler turns either into balanced, resumable batches.
 """
 
 from tokenspace_jax.features.example import Example, Feature, FeatureError, FeatureFileNotFoundError

@@ -59,11 +59,15 @@ def delphi(paths: list[str] | str, *, tokenizer: Any = None, labeling_tokenizer:
   wanted = None if latents is None else {int(i) for i in latents}
 
   def produce(report: Report) -> Iterator[dict]:
+    labeling = _labeling(labeling_tokenizer)
+    decoders: dict = {}  # one per tokenizer, however many hookpoints share it
     for folder, files in hookpoints:
       model = _model_name(folder, tokenizer is None)
-      decoder = IdDecoder(load_tokenizer_for(tokenizer, model, os.path.join(folder,
-                                                                            'config.json')),
-                          _labeling(labeling_tokenizer))
+      key = model if tokenizer is None else None  # a given tokenizer serves every hookpoint
+      if key not in decoders:
+        decoders[key] = IdDecoder(load_tokenizer_for(tokenizer, model, os.path.join(
+            folder, 'config.json')), labeling)
+      decoder = decoders[key]
       found: set[int] = set()
       for path in files:
         yield from _split_records(path, os.path.basename(folder), model, decoder, window,
@@ -200,9 +204,11 @@ def _latent_records(fid, source, rows, pos, values, tokens, window, per_row, n_n
     by_peak = np.argsort(-peak, kind='stable')
     chosen = np.sort(by_peak[np.unique(np.linspace(0, len(windows) - 1, max_positives).round()
                                        .astype(np.int64))])
-  dense = np.zeros((len(windows), window), np.float32)
-  keep = np.isin(inverse, chosen)
-  dense[inverse[keep], pos[keep] % window] = values[keep]
+  slot = np.full(len(windows), -1, np.int64)  # window -> its row of dense, if chosen
+  slot[chosen] = np.arange(len(chosen))
+  keep = slot[inverse] >= 0
+  dense = np.zeros((len(chosen), window), np.float32)
+  dense[slot[inverse[keep]], pos[keep] % window] = values[keep]
 
   total = n_rows * per_row
   free = total - len(windows)
@@ -216,7 +222,8 @@ def _latent_records(fid, source, rows, pos, values, tokens, window, per_row, n_n
     negatives = np.sort(draw[~np.isin(draw, windows)][:n_negatives])
 
   out, fires = [], False
-  items = [(int(windows[k]), dense[k]) for k in chosen] + [(int(w), None) for w in negatives]
+  items = [(int(windows[k]), dense[j]) for j, k in enumerate(chosen)]
+  items += [(int(w), None) for w in negatives]
   for w, act in items:
     row, col = divmod(w, per_row)
     ids = tokens[row, col * window:min((col + 1) * window, ctx)].tolist()
