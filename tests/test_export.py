@@ -20,10 +20,12 @@ from tokenspace_jax.outputs import export as export_lib
 def _line(fid, label, source=None, **extra):
   line = {'feature_id': fid, 'label': label, 'token_id': 1234, 'probability': 0.97,
           'identifiable': True, 'verdict': 'IDENTIFIABLE: ...',
-          'auroc': {'found': 0.81, 'reference': None, 'random_mean': 0.52},
+          'auroc': {'found': 0.81, 'found_interval': [0.7, 0.9], 'reference': None,
+                    'random_mean': 0.52},
           'heldout': {'examples': 80, 'positives': 20, 'scores': []},
-          'scores': {'detection_auroc': 0.77, 'balanced_accuracy': 0.7, 'f1': 0.66,
-                     'correlation': 0.41}}
+          'scores': {'detection': {'auroc': 0.77, 'balanced_accuracy': 0.7, 'f1': 0.66,
+                                   'windows': 40, 'positive_windows': 10},
+                     'correlation': 0.41, 'balanced_accuracy': 0.72}}
   if source is not None:
     line['source'] = source
   line.update(extra)
@@ -100,6 +102,8 @@ def test_neuronpedia_explanations(tmp_path, labels):
   values = {s['explanationScoreTypeName']: s['value'] for s in paris['scores']}
   assert values['tokenspace-jax auroc_found'] == 0.81
   assert values['tokenspace-jax detection_auroc'] == 0.77
+  assert values['tokenspace-jax detection_f1'] == 0.66
+  assert values['tokenspace-jax correlation'] == 0.41
   assert 'tokenspace-jax auroc_reference' not in values  # no reference word: no score
   with open(tmp_path / 'np' / 'gpt2-small' / '8-res-jb' / '7.json', encoding='utf-8') as f:
     assert json.load(f)['index'] == '7'  # a SAELens source with Neuronpedia ids

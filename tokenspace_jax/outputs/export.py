@@ -135,15 +135,23 @@ def description(line: dict) -> str:
   return line['label'].strip()
 
 
+def _numbers(prefix: str, value: Any) -> dict:
+  """The numbers of a (nested) dict, keyed by their path: ``detection_auroc``, ..."""
+  if isinstance(value, bool):
+    return {}
+  if isinstance(value, (int, float)):
+    return {prefix: value}
+  if isinstance(value, dict):
+    return {k: v for key, sub in value.items()
+            for k, v in _numbers(f'{prefix}_{key}' if prefix else str(key), sub).items()}
+  return {}
+
+
 def _scores(line: dict) -> dict:
-  """Our numbers, flat: held-out AUROCs of the found, reference and random labels, and the
-  window-level ``scores`` when the run computed them."""
-  auroc = line.get('auroc') if isinstance(line.get('auroc'), dict) else {}
-  out = {f'auroc_{k}': v for k, v in auroc.items() if isinstance(v, (int, float))}
-  scores = line.get('scores')
-  if isinstance(scores, dict):
-    out.update({k: v for k, v in scores.items() if isinstance(v, (int, float, type(None)))})
-  return out
+  """Our numbers, flat: held-out AUROCs of the found, reference and random labels
+  (``auroc_found``, ...), and the window-level ``scores`` (``detection_auroc``, ``correlation``,
+  ...) when the run computed them."""
+  return {**_numbers('auroc', line.get('auroc')), **_numbers('', line.get('scores'))}
 
 
 def _write_json(path: str, value: Any, lines: bool = False) -> None:
@@ -185,7 +193,7 @@ def export_neuronpedia(lines: list[dict], out: str, report: ExportReport,
         'modelId': model, 'layer': layer, 'index': index, 'description': description(line),
         'explanationModelName': model_name, 'typeName': EXPLANATION_TYPE,
         'scores': [{'explanationScoreTypeName': f'tokenspace-jax {k}', 'value': v}
-                   for k, v in scores.items() if v is not None],
+                   for k, v in scores.items()],
         'identifiable': line.get('identifiable'), 'verdict': line.get('verdict'),
         'token_id': line.get('token_id'), 'probability': line.get('probability')}
     path = os.path.join(out, model, layer, f'{index}.json')
@@ -202,6 +210,7 @@ def export_openai(lines: list[dict], out: str, report: ExportReport) -> None:
       continue
     layer, neuron = name
     scores = line.get('scores') if isinstance(line.get('scores'), dict) else {}
+    correlation = scores.get('correlation')
     results = {
         'dataclass_name': 'NeuronSimulationResults',
         'neuron_id': {'dataclass_name': 'NeuronId', 'layer_index': layer,
@@ -210,7 +219,8 @@ def export_openai(lines: list[dict], out: str, report: ExportReport) -> None:
             'dataclass_name': 'ScoredExplanation', 'explanation': description(line),
             'scored_simulation': {
                 'dataclass_name': 'ScoredSimulation', 'scored_sequence_simulations': [],
-                'ev_correlation_score': scores.get('correlation'), 'rsquared_score': None,
+                'ev_correlation_score': correlation if isinstance(correlation, (int, float))
+                and not isinstance(correlation, bool) else None, 'rsquared_score': None,
                 'absolute_dev_explained_score': None}}]}
     path = os.path.join(out, str(layer), f'{neuron}.jsonl')
     _write_json(path, results, lines=True)
