@@ -81,7 +81,7 @@ if MODEL_SOURCE.startswith('/content/drive'):
 MESH_TEXT = """\
 ## Devices and mesh
 
-`labeling.run` runs on the (data, model) mesh of `config.mesh`, built by `sharding.make_mesh`:
+`main.run` runs on the (data, model) mesh of `config.mesh`, built by `sharding.make_mesh`:
 by default every device on the `data` axis, each holding a share of the examples' prefix caches
 and of every batch, the weights replicated. `MESH_MODEL > 1` splits the weights too, which a
 model too large for one device needs (Llama-3-8B in bfloat16 is 16 GB of weights: more than a
@@ -94,10 +94,11 @@ import os
 import jax
 import jax.numpy as jnp
 
-from tokenspace_jax import labeling
-from tokenspace_jax.parallel import sharding
+from tokenspace_jax import main
 from tokenspace_jax.models import load_model
 from tokenspace_jax.models.loading.param_mapping import abstract_params
+from tokenspace_jax.outputs import views
+from tokenspace_jax.parallel import sharding
 
 print(f'JAX {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} devices:')
 for device in jax.devices():
@@ -106,7 +107,7 @@ mesh = sharding.make_mesh(data=MESH_DATA, model=MESH_MODEL)
 print('mesh', dict(mesh.shape), 'over', mesh.devices.shape, 'devices')"""
 
 LOAD = """\
-# On a mesh, each device loads only its slices of the weights (as labeling.run does).
+# On a mesh, each device loads only its slices of the weights (as main.run does).
 shardings = ((lambda model: sharding.param_shardings(abstract_params(model), mesh))
              if mesh.size > 1 else None)
 lm = load_model(MODEL_SOURCE, dtype=jnp.dtype(DTYPE), shardings=shardings)
@@ -210,7 +211,7 @@ outcome = {}
 
 def work():
   try:
-    outcome['result'] = labeling.run(config, WORKDIR, lm=lm, progress=False)
+    outcome['result'] = main.run(config, WORKDIR, lm=lm, progress=False)
   except BaseException as e:  # re-raised below, in the notebook's own thread
     outcome['error'] = e
 
@@ -235,7 +236,7 @@ if handle is not None:
 print(f'{time.perf_counter() - start:.0f} s')"""
 
 SUMMARY = """\
-print(labeling.summary(result))
+print(views.summary(result))
 if LIVE:  # the run's own plot: leading tokens and the loss terms
   display.display(display.Image(os.path.join(WORKDIR, 'trajectory.png')))"""
 

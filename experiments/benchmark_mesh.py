@@ -32,11 +32,12 @@ def worker(devices: int, steps: int, batch: int) -> dict:
 
   import jax
 
-  from tokenspace_jax import labeling
-  from tokenspace_jax.engine import descent
+  from tokenspace_jax.engine.pool import build_pool
+  from tokenspace_jax.engine.run import prepare_descent
+  from tokenspace_jax.features.from_config import load_feature
   from tokenspace_jax.models import load_model
   from tokenspace_jax.models.loading.param_mapping import abstract_params
-  from tokenspace_jax.parallel import sharded_step, sharding
+  from tokenspace_jax.parallel import sharding
 
   spec = importlib.util.spec_from_file_location('animal_config', CONFIG)
   module = importlib.util.module_from_spec(spec)
@@ -48,25 +49,23 @@ def worker(devices: int, steps: int, batch: int) -> dict:
   mesh = sharding.make_mesh(data=devices, model=1)
   lm = load_model('default', shardings=lambda m: sharding.param_shardings(
       abstract_params(m), mesh))
-  prep = labeling.prepare(config, lm, mesh)
-  objective = labeling.make_objective(config, lm)
-  optimizer = descent.make_optimizer(config.optim)
-  state = descent.init_state(labeling.initial_label(config, lm, prep), optimizer)
-  state = jax.device_put(state, sharding.replicated(mesh))
-  step = sharded_step.make_sharded_step(objective, optimizer, mesh, prep.data)
+  pool = build_pool(config, lm, [load_feature(config.feature, lm.tokenizer)], mesh)
+  d = prepare_descent(config, lm, pool)
+  state, step = d.state['rows'], d.step
+  active = jax.numpy.ones(1, bool)
   t0 = time.perf_counter()
-  state, metrics = step(state, prep.data)
+  state, metrics = step(state, d.data, d.hp, active)
   jax.block_until_ready(metrics)
   compile_seconds = time.perf_counter() - t0
   times = []
   for _ in range(steps):
     t0 = time.perf_counter()
-    state, metrics = step(state, prep.data)
+    state, metrics = step(state, d.data, d.hp, active)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
   assert step._cache_size() == 1
   return {'devices': devices, 'mesh': dict(mesh.shape), 'compile_seconds': compile_seconds,
-          'median_seconds': statistics.median(times), 'loss': float(metrics['loss'])}
+          'median_seconds': statistics.median(times), 'loss': float(metrics['loss'][0])}
 
 
 def main():

@@ -6,7 +6,7 @@
 The reference is generated, not written by hand, so it cannot drift from the code: every key and
 default comes from ``config_defaults.get_base_config()``, each key's meaning from the comment
 next to it in ``config_defaults.py`` (read from the source with ``tokenize`` and ``ast``), the
-validated choices from ``labeling._CHOICES``, and what each ``configs/*.py`` file and argument
+validated choices from ``config_defaults.CHOICES``, and what each ``configs/*.py`` file and argument
 changes from calling them and diffing against the defaults. ``tests/test_docs.py`` fails when the
 committed file differs from what this script writes.
 
@@ -31,38 +31,18 @@ import tokenize
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tokenspace_jax import config_defaults, labeling  # noqa: E402
+from tokenspace_jax import config_defaults  # noqa: E402
 
 OUT = os.path.join(ROOT, 'docs', 'configuration.md')
 
 # What a section is for, unless a comment above ``c.SECTION = ConfigDict()`` says it.
 SECTIONS = {
     '': 'Run length, seeding and output.',
-    'model': 'Which model answers the classifier prompt, and in what precision.',
-    'feature': 'The feature to label: a built-in one or an activation-records file, and how its '
-               'examples are split and capped.',
-    'prompt': 'The classifier prompt the label is placed in (see [method](method.md#the-prompt)); '
-              'the default is the few-shot preset, `:rating` selects the other one.',
-    'label': 'The learned distribution over the vocabulary that fills the concept slot.',
-    'loss': 'The weights of the loss terms (see [method](method.md#the-loss)).',
-    'optim': 'The Optax optimizer of the label logits.',
-    'data': 'How training batches are drawn.',
-    'early_stop': 'When descent stops before `steps`.',
-    'eval': 'Held-out scoring of the found label against the reference word and random tokens.',
 }
 
 # Fallback meanings for keys that have no comment in config_defaults.py. Prefer adding the
 # comment there; the script reports which entries are used and which have become redundant.
 DESCRIPTIONS = {
-    'seed': 'Seed of the label initialisation, the batch schedule and the example caps.',
-    'steps': 'Maximum number of descent steps (early stopping may end sooner).',
-    'checkpoint_every': 'Steps between checkpoints in `workdir/checkpoints`; a rerun resumes '
-                        'from the latest.',
-    'progress': 'Show a progress bar during descent.',
-    'model.dtype': 'Activation dtype; `bfloat16` halves memory (use it for Llama-3-8B).',
-    'feature.split_seed': 'Seed of the train/held-out split of a records file.',
-    'feature.max_train': 'At most this many training examples (half positives where possible).',
-    'feature.max_heldout': 'At most this many held-out examples, picked the same way.',
     'prompt.system': 'Instruction before the examples (the system message when `chat`).',
     'prompt.user': 'Per-example template with `{text}`, `{word}` and, last, `{concept}`: only '
                    'what precedes the concept slot is cached.',
@@ -71,39 +51,9 @@ DESCRIPTIONS = {
     'prompt.no': 'The "no" answer; must be a single token.',
     'prompt.chat': "Render with the tokenizer's chat template; False: plain completion text.",
     'prompt.few_shot': 'Worked examples (`text`, `word`, `concept`, `answer`) before the query.',
-    'label.init': 'How the label logits start (choices below); `zeros` keeps the entropy term '
-                  'from locking onto whichever token starts highest.',
-    'label.num_tokens': 'Positions in the concept slot, each with its own logits (K).',
-    'label.init_scale': 'Scale of the `normal` initialisation, or the logit of the `word` one.',
-    'label.init_word': 'The word whose token `init=word` starts from (e.g. `" animal"`).',
-    'label.temperature': 'p = softmax(logits / temperature).',
-    'label.learn_answer_bias': "Learn a bias on the yes-logit that absorbs the model's overall "
-                               'yes/no tendency, so the label must discriminate.',
-    'label.mask_special': 'Exclude special, control and unprintable tokens from the label.',
-    'loss.w_label': 'Weight of the answer cross-entropy.',
-    'loss.w_entropy': 'Weight of the entropy of p (pushes p to one token), after warm-up.',
-    'loss.entropy_warmup_steps': 'The entropy weight ramps linearly from 0 over these steps.',
-    'loss.w_kl': "Weight of KL(p || the model's mean next-token distribution at the slot).",
-    'optim.name': 'Optimizer of the label logits.',
-    'optim.schedule': 'Learning-rate schedule.',
-    'optim.lr': 'Learning rate (the peak one under the cosine schedule).',
-    'optim.b1': "Adam's first-moment decay.",
-    'optim.b2': "Adam's second-moment decay.",
-    'optim.weight_decay': 'Decoupled weight decay (`adamw` only).',
-    'optim.warmup_steps': 'Linear warm-up steps of the cosine schedule.',
-    'optim.decay_steps': 'Length of the cosine schedule, warm-up included.',
-    'optim.final_lr': 'Final learning rate of the cosine schedule, as a fraction of `lr`.',
-    'optim.clip_norm': 'Clip the gradient to this global norm (0 disables).',
-    'data.batch_size': 'Examples per descent step.',
-    'data.sampling': 'How a batch mixes positives and negatives.',
-    'data.positive_fraction': 'Share of positives in a batch under `balanced` sampling.',
-    'eval.num_random': 'Random word-like tokens scored as a baseline.',
-    'eval.calibration_examples': "Training examples on which each label's decision threshold is "
-                                 'fitted.',
-    'eval.batch_size': 'Batch size of the prefix caching and of the evaluation.',
 }
 
-# What each value validated by labeling._CHOICES does; the keys' comments only name them.
+# What each value validated by config_defaults.CHOICES does; the keys' comments only name them.
 CHOICE_NOTES = {
     ('loss.answer', 'full'): 'cross-entropy of the answer softmaxed over the whole vocabulary, '
                              'as in the paper: the label must also make the model answer at all',
@@ -130,6 +80,10 @@ CHOICE_NOTES = {
     ('model.dtype', 'float32'): 'full precision (the default; 135M parameters fit anywhere)',
     ('model.dtype', 'bfloat16'): "half the memory: Llama-3-8B's weights take 16 GB instead of "
                                  '32 GB',
+    ('model.param_dtype', ''): 'the weights stored in `model.dtype`',
+    ('model.param_dtype', 'float32'): 'weights in float32 (with bfloat16 activations: exact '
+                                      'weights, half-precision arithmetic)',
+    ('model.param_dtype', 'bfloat16'): 'weights in bfloat16',
 }
 
 
@@ -277,7 +231,7 @@ def diff_text(changes: dict) -> str:
 
 def _only_choices(comment: str, key: str) -> bool:
   words = {w.strip() for w in comment.split('|')}
-  return key in labeling._CHOICES and words <= set(labeling._CHOICES[key])
+  return key in config_defaults.CHOICES and words <= set(config_defaults.CHOICES[key])
 
 
 def render() -> tuple[str, list[str], list[str], list[str]]:
@@ -289,10 +243,10 @@ def render() -> tuple[str, list[str], list[str], list[str]]:
   lines = [
       '# Configuration reference',
       '',
-      '<!-- Generated by experiments/config_reference.py from tokenspace_jax/config_defaults.py, '
-      'labeling._CHOICES and configs/*.py. Do not edit by hand: change the code or its comments '
-      'and rerun `python experiments/config_reference.py`; tests/test_docs.py checks this file '
-      'is current. -->',
+      '<!-- Generated by experiments/config_reference.py from tokenspace_jax/config_defaults.py '
+      '(its CHOICES and comments) and configs/*.py. Do not edit by hand: change the code or its '
+      'comments and rerun `python experiments/config_reference.py`; tests/test_docs.py checks '
+      'this file is current. -->',
       '',
       'Every run starts from `config_defaults.get_base_config()`; a config file in `configs/` '
       'sets the feature, and command-line flags override single keys:',
@@ -303,11 +257,14 @@ def render() -> tuple[str, list[str], list[str], list[str]]:
       '```',
       '',
       'An override must name an existing key and have its type (an int is accepted for a '
-      'float). Keys with listed choices are checked by `labeling.validate_config` before the '
-      'model loads, as are a few ranges (positive steps, batch sizes and learning rate, '
-      '`data.positive_fraction` strictly between 0 and 1), so a typo fails in a second, not '
-      'after caching. A workdir remembers its config: resuming with different values is refused '
-      f'except for `{"`, `".join(labeling._RESUMABLE_CHANGES)}`.',
+      'float). Keys with listed choices are checked by `config_defaults.validate` before the '
+      'model loads or anything is written, as are ranges (every number finite, step counts, '
+      'batch sizes, the learning rate and the temperature positive, loss weights not negative, '
+      'fractions strictly between 0 and 1), so a typo fails in a second, not after caching. '
+      'Config arguments (`configs/animal.py:quick,optim.lr=0.3`) take presets and `KEY=VALUE` '
+      'settings. A workdir remembers its config and inputs: resuming with different values is '
+      'refused '
+      f'except for `{"`, `".join(config_defaults.RESUMABLE_CHANGES)}`.',
       '',
   ]
   sections = list(dict.fromkeys(k.rsplit('.', 1)[0] if '.' in k else '' for k in keys))
@@ -332,7 +289,7 @@ def render() -> tuple[str, list[str], list[str], list[str]]:
       if meaning is None:
         meaning = '*(no description: add a comment next to the key in config_defaults.py)*'
         missing.append(key)
-      choices = ', '.join(f'`{c}`' for c in labeling._CHOICES.get(key, ()))
+      choices = ', '.join(f'`{c}`' for c in config_defaults.CHOICES.get(key, ()))
       lines.append(f'| `{key}` | {show(base[key])} | {type_name(base[key])} | {choices} | '
                    f'{cell(meaning)} |')
     lines.append('')
@@ -351,11 +308,11 @@ def render() -> tuple[str, list[str], list[str], list[str]]:
 
 def _choices() -> tuple[list[str], list[str]]:
   lines = ['## Validated choices', '',
-           'The values `labeling.validate_config` accepts for these keys; anything else stops the '
+           'The values `config_defaults.validate` accepts for these keys; anything else stops the '
            'run before the model loads, naming the key and the choices.', '',
            '| key | value | what it does |', '|---|---|---|']
   missing = []
-  for key, choices in labeling._CHOICES.items():
+  for key, choices in config_defaults.CHOICES.items():
     for choice in choices:
       note = CHOICE_NOTES.get((key, choice))
       if note is None:

@@ -36,11 +36,11 @@ from jax.sharding import NamedSharding  # noqa: E402
 
 from tokenspace_jax.classifier.objective import LossWeights, Objective  # noqa: E402
 from tokenspace_jax.classifier.prefix import PrefixCaches  # noqa: E402
-from tokenspace_jax.engine import descent  # noqa: E402
+from tokenspace_jax.engine import descent, rows  # noqa: E402
 from tokenspace_jax.models.config import PRESETS  # noqa: E402
 from tokenspace_jax.models.llama import Llama  # noqa: E402
 from tokenspace_jax.models.loading.param_mapping import abstract_params  # noqa: E402
-from tokenspace_jax.parallel import sharded_step, sharding  # noqa: E402
+from tokenspace_jax.parallel import sharding  # noqa: E402
 
 HBM_PER_CHIP = 16 * 2**30  # v5e
 
@@ -74,12 +74,22 @@ def activation_bytes(model: Llama, data: descent.DescentData, mesh, state) -> in
                       if jnp.issubdtype(x.dtype, jnp.floating) else x)
   data = data.replace(params=jax.tree.map(as_f32, data.params),
                       caches=jax.tree.map(as_f32, data.caches))
+  # The engine's step over one label row: a leading row axis on the schedule, prior and state.
+  lead = lambda x: jax.ShapeDtypeStruct((1, *x.shape), x.dtype)
+  data = data.replace(schedule=lead(data.schedule), mean_log_prior=lead(data.mean_log_prior))
   sh = sharding.data_shardings(data, mesh)
   objective = Objective(f32, LossWeights(1.0, 0.1, 100, 0.02), full_vocab_answer=True)
-  step = sharded_step.make_sharded_step(objective, optax.adam(0.1), mesh, data)
+  optimizer = optax.adam(0.1)
+  step = rows.make_rows_step(objective, optimizer, 0.1, mesh, data)
   with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-  state = jax.tree.map(lambda x: with_sharding(x, sharding.replicated(mesh)), state)
-  compiled = step.lower(state, jax.tree.map(with_sharding, data, sh)).compile()
+  replicated = lambda x: with_sharding(x, sharding.replicated(mesh))
+  label = jax.tree.map(lead, state['label'])
+  state = jax.eval_shape(jax.vmap(lambda lab: descent.init_state(
+      lab, optax.chain(optimizer, optax.scale(1.0)))), label)
+  state = jax.tree.map(replicated, state)
+  hp = {k: replicated(jax.ShapeDtypeStruct((1,), jnp.float32)) for k in rows.HYPERPARAMETERS}
+  active = replicated(jax.ShapeDtypeStruct((1,), bool))
+  compiled = step.lower(state, jax.tree.map(with_sharding, data, sh), hp, active).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 
 

@@ -68,18 +68,19 @@ RUNS = {
 def run(experiment: str):
   import logging
 
-  from tokenspace_jax import labeling, sweep
+  from tokenspace_jax import main
   from tokenspace_jax.models import load_model
+  from tokenspace_jax.outputs import views
 
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
   lm = load_model('default')
   for name, (feature, arg, changes) in RUNS[experiment].items():
     config = config_for(feature, arg, **changes)
     workdir = os.path.join(OUT, name)
-    if sweep.is_sweep(config):
-      print(sweep.summary(sweep.run(config, workdir, lm=lm)), flush=True)
+    if main.is_sweep(config):
+      print(views.sweep_summary(main.run(config, workdir, lm=lm)), flush=True)
     else:
-      print(labeling.summary(labeling.run(config, workdir, lm=lm)), flush=True)
+      print(views.summary(main.run(config, workdir, lm=lm)), flush=True)
 
 
 def _load(name: str, file: str):
@@ -102,9 +103,10 @@ def table():
               '| w_entropy | w_kl | label | p | steps to p ≥ 0.9 | held-out AUROC |',
               '|---:|---:|---|---:|---:|---:|']
     for r in sw['rows']:
+      p = f'{r["probability"]:.2f}' if r.get('probability') is not None else '-'
       lines.append(f'| {r["w_entropy"]:g} | {r["w_kl"]:g} | `{r["label"]!r}` | '
-                   f'{r["probability"]:.2f} | {r["steps_to_p90"] or "never"} | '
-                   f'{r["heldout_auroc"]:.3f} |')
+                   f'{p} | {r["steps_to_p90"] or "never"} | '
+                   f'{_auroc(r, "found"):.3f} |')
     base = ', '.join(f'{s["role"]} `{s["token"]!r}` {s["auroc"]:.3f}' for s in sw['baselines'])
     lines += ['', f'Baselines: {base}. Sweep wall time {sw["wall_seconds"]:.0f} s.', '']
   rows = [(name, _load(name, 'result.json')) for name in [*RUNS['balance'], *RUNS['tokens']]]
@@ -116,11 +118,12 @@ def table():
       if r is None:
         continue
       v = r['heldout']['verdict']
-      lines.append(f'| {name} | `{r["label"]!r}` | {r["probability"]:.2f} | '
+      p = f'{r["probability"]:.2f}' if r.get('probability') is not None else '-'
+      lines.append(f'| {name} | `{r["label"]!r}` | {p} | '
                    f'{r["steps_to_p90"] or "never"} | {_auroc(r, "found"):.3f} / '
                    f'{_auroc(r, "reference") or float("nan"):.3f} / '
                    f'{v["random_auroc_mean"]:.3f} | '
-                   f'{"identifiable" if r["identifiable"] else "NOT IDENTIFIABLE"} | '
+                   f'{v["status"]} | '
                    f'{r["wall_seconds"]:.0f} s |')
   print('\n'.join(lines))
 
@@ -142,7 +145,8 @@ def plots():
     sweep = _load('animal-ablation', 'sweep.json')
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for r, row in enumerate(sweep['rows']):
-      ax.plot([x['step'] for x in records], [x['label_p'][r] for x in records],
+      mine = [x for x in records if x['row'] == r]
+      ax.plot([x['step'] for x in mine], [min(x['label_p']) for x in mine],
               label=f'w_entropy={row["w_entropy"]:g}, w_kl={row["w_kl"]:g}: {row["label"]!r}')
     ax.set_xlabel('step')
     ax.set_ylabel('p of the top token')

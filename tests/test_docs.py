@@ -35,7 +35,7 @@ def test_configuration_reference_is_current(tmp_path):
 
 
 def test_configuration_reference_covers_every_key_and_choice():
-  from tokenspace_jax import config_defaults, labeling
+  from tokenspace_jax import config_defaults
 
   ref = _module('experiments/config_reference.py')
   text, _, missing, _ = ref.render()
@@ -44,7 +44,7 @@ def test_configuration_reference_covers_every_key_and_choice():
                        f'{REGENERATE}.')
   for key, value in ref.flatten(config_defaults.get_base_config()).items():
     assert f'| `{key}` | {ref.show(value)} |' in text, key
-  for key, choices in labeling._CHOICES.items():
+  for key, choices in config_defaults.CHOICES.items():
     for choice in choices:
       assert f'| `{key}` | `{choice}` |' in text, (key, choice)
 

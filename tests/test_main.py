@@ -16,10 +16,14 @@ import time
 import numpy as np
 import pytest
 
-from tokenspace_jax import config_defaults, labeling
+from tokenspace_jax import config_defaults, main
+from tokenspace_jax.config_defaults import ConfigValueError
+from tokenspace_jax.engine.loop import NonFiniteLossError
 from tokenspace_jax.features import FeatureError
 from tokenspace_jax.models import load_model
+from tokenspace_jax.outputs import views
 from tokenspace_jax.outputs.checkpoint import Checkpointer
+from tokenspace_jax.outputs.workdir import WorkdirError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,7 +45,7 @@ def quick_config(feature='animal', **changes):
 
 def test_run_writes_a_complete_result(tiny_lm, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path.parent)
-  result = labeling.run(quick_config(), tmp_path.name, lm=tiny_lm)  # a relative workdir
+  result = main.run(quick_config(), tmp_path.name, lm=tiny_lm)  # a relative workdir
   for key in ('label', 'token_id', 'probability', 'top10', 'steps', 'wall_seconds',
               'steps_per_second', 'final_losses', 'heldout', 'config', 'identifiable',
               'verdict', 'steps_to_p90'):
@@ -57,34 +61,34 @@ def test_run_writes_a_complete_result(tiny_lm, tmp_path, monkeypatch):
   on_disk = json.loads((tmp_path / 'result.json').read_text())
   assert on_disk['label'] == result['label']
   # A finished workdir is reported, not recomputed.
-  again = labeling.run(quick_config(), str(tmp_path), lm=tiny_lm)
+  again = main.run(quick_config(), str(tmp_path), lm=tiny_lm)
   assert again['wall_seconds'] == result['wall_seconds']
 
 
 def test_rating_prompt_runs(tiny_lm, tmp_path):
   """The paper's zero-shot chat prompt: chat template, answers '1'/'0' after 'Rating: '."""
   config = config_defaults.apply_arg(quick_config(steps=2), 'rating')
-  result = labeling.run(config, str(tmp_path), lm=tiny_lm)
+  result = main.run(config, str(tmp_path), lm=tiny_lm)
   assert result['steps'] == 2 and result['config']['prompt']['yes'] == '1'
 
 
 def test_workdir_with_another_config_is_refused(tiny_lm, tmp_path):
-  labeling.run(quick_config(steps=2), str(tmp_path), lm=tiny_lm)
-  with pytest.raises(labeling.ConfigMismatchError, match='optim'):
-    labeling.run(quick_config(**{'optim.lr': 0.5}), str(tmp_path), lm=tiny_lm)
+  main.run(quick_config(steps=2), str(tmp_path), lm=tiny_lm)
+  with pytest.raises(WorkdirError, match='optim'):
+    main.run(quick_config(**{'optim.lr': 0.5}), str(tmp_path), lm=tiny_lm)
 
 
 def test_unknown_feature_is_a_clear_error(tiny_lm, tmp_path):
-  with pytest.raises(FeatureError, match=r"Unknown feature 'unicorn'.*chinese, animal"):
-    labeling.run(quick_config('unicorn'), str(tmp_path), lm=tiny_lm)
+  with pytest.raises(ConfigValueError, match=r"Unknown feature 'unicorn'.*chinese, animal"):
+    main.run(quick_config('unicorn'), str(tmp_path), lm=tiny_lm)
 
 
 @pytest.mark.parametrize('key, value, match', [
     ('loss.answer', 'fuzzy', 'loss.answer'), ('steps', 0, 'steps'),
     ('data.positive_fraction', 1.0, 'positive_fraction'), ('label.num_tokens', 9, 'num_tokens')])
 def test_bad_config_values_are_clear_errors(tmp_path, key, value, match):
-  with pytest.raises(labeling.ConfigValueError, match=match):
-    labeling.run(quick_config(**{key: value}), str(tmp_path))  # fails before loading a model
+  with pytest.raises(ConfigValueError, match=match):
+    main.run(quick_config(**{key: value}), str(tmp_path))  # fails before loading a model
 
 
 def test_records_without_positives_are_refused(tiny_lm, tmp_path):
@@ -93,15 +97,24 @@ def test_records_without_positives_are_refused(tiny_lm, tmp_path):
                   + '\n')
   config = quick_config('', **{'feature.records': str(path), 'feature.threshold': 0.5})
   with pytest.raises(FeatureError, match='threshold'):
-    labeling.run(config, str(tmp_path / 'w'), lm=tiny_lm)
+    main.run(config, str(tmp_path / 'w'), lm=tiny_lm)
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint(tiny_lm, tmp_path):
-  config = quick_config(**{'label.temperature': 0.0})  # logits / 0: NaN at the first step
-  with pytest.raises(labeling.NonFiniteLossError, match='NaN|nan') as err:
-    labeling.run(config, str(tmp_path), lm=tiny_lm)
-  assert 'checkpoints' in str(err.value)
-  assert Checkpointer(str(tmp_path / 'checkpoints'), 1).latest_step() == 0
+  """Weights that turn the loss NaN at the first step (as a broken checkpoint would): the run
+  exits with one line, keeping the last good state (the initial one) in its checkpoint."""
+  import dataclasses
+
+  import jax
+  params = dict(tiny_lm.params)
+  params['final_norm'] = jax.tree.map(lambda x: x * np.nan, params['final_norm'])
+  broken = dataclasses.replace(tiny_lm, params=params)
+  with pytest.raises(NonFiniteLossError, match='non-finite') as err:
+    main.run(quick_config(), str(tmp_path), lm=broken)
+  assert 'checkpoints' in str(err.value) and 'step 0' in str(err.value)
+  step, state = _restored(str(tmp_path))
+  assert np.asarray(state['rows']['step']).tolist() == [0]
+  assert np.asarray(state['status']).tolist() == [2]  # non-finite
   assert not (tmp_path / 'result.json').exists()
 
 
@@ -113,11 +126,15 @@ def _main(workdir, source, *extra):
   return cmd
 
 
-def _final_label(workdir):
+def _restored(workdir):
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), 1)
   step = ckpt._manager.latest_step()
-  restored = ckpt._manager.restore(step)
-  return step, np.asarray(restored['label']['logits'])
+  return step, ckpt._manager.restore(step)
+
+
+def _final_label(workdir):
+  step, restored = _restored(workdir)
+  return step, np.asarray(restored['rows']['label']['logits'])
 
 
 def test_sigterm_then_resume_equals_uninterrupted_run(tiny_folder, tmp_path):
@@ -200,36 +217,40 @@ def test_main_on_simulated_meshes(tiny_folder, tmp_path):
 def test_sweep_rows_equal_separate_runs(tiny_lm, tmp_path):
   """Rows of a sweep (2 learning rates x 2 restarts in one vmapped step) against single runs:
   restart 0 of each learning rate must follow the single run with that rate."""
-  from tokenspace_jax import sweep
   changes = {'sweep.grid': 'optim.lr=0.05,0.3', 'sweep.restarts': 2, 'early_stop.prob': 0.0}
-  result = sweep.run(quick_config(**changes), str(tmp_path / 'sweep'), lm=tiny_lm)
+  result = main.run(quick_config(**changes), str(tmp_path / 'sweep'), lm=tiny_lm)
   assert [(r['lr'], r['restart']) for r in result['rows']] == [(0.05, 0), (0.05, 1), (0.3, 0),
                                                                (0.3, 1)]
-  traj = [json.loads(x) for x in (tmp_path / "sweep" / "trajectory.jsonl").read_text().splitlines()]
-  assert len(traj) == 12 and len(traj[0]['loss']) == 4
+  traj = [json.loads(x) for x in (tmp_path / 'sweep' / 'trajectory.jsonl').read_text()
+          .splitlines()]
+  assert len(traj) == 12 * 4 and [t['row'] for t in traj[:4]] == [0, 1, 2, 3]
+  of_row = lambda r: [t for t in traj if t['row'] == r]
   for row, lr in ((0, 0.05), (2, 0.3)):
-    single = labeling.run(quick_config(**{'optim.lr': lr}), str(tmp_path / f'lr{lr}'),
-                          lm=tiny_lm)
+    single = main.run(quick_config(**{'optim.lr': lr}), str(tmp_path / f'lr{lr}'), lm=tiny_lm)
     lines = [json.loads(x) for x in (tmp_path / f'lr{lr}' / 'trajectory.jsonl').read_text()
              .splitlines()]
-    np.testing.assert_allclose([t['loss'][row] for t in traj], [r['loss'] for r in lines],
+    np.testing.assert_allclose([t['loss'] for t in of_row(row)], [r['loss'] for r in lines],
                                rtol=0, atol=2e-5)
     assert result['rows'][row]['label'] == single['label']
+    assert result['rows'][row]['heldout']['scores'][0]['auroc'] == pytest.approx(
+        single['heldout']['scores'][0]['auroc'], abs=1e-6)
   # Restarts start elsewhere: their first losses differ from restart 0's.
-  assert traj[0]['loss'][1] != traj[0]['loss'][0]
+  assert of_row(1)[0]['loss'] != of_row(0)[0]['loss']
   assert sorted(sum(result['agreement'].values(), [])) == [0, 1, 2, 3]
-  assert 'agreement' in sweep.summary(result)
+  best = max(result['rows'], key=lambda r: (r['train_auroc'], -r['row']))
+  assert result['best_row'] == best['row']  # chosen on the training split, never held-out
+  assert 'agreement' in views.sweep_summary(result)
 
 
 def test_two_token_label_run(tiny_lm, tmp_path):
   """A two-token slot end to end: the label is read as text, each position reported, and the
   baselines fill the same two-token slot."""
-  result = labeling.run(quick_config(steps=3, **{'label.num_tokens': 2}), str(tmp_path),
+  result = main.run(quick_config(steps=3, **{'label.num_tokens': 2}), str(tmp_path),
                         lm=tiny_lm)
   tok = tiny_lm.tokenizer
   assert len(result['token_id']) == 2 and result['label'] == tok.decode(result['token_id'])
   assert [len(p) for p in result['positions']] == [5, 5]
-  assert [p[0]['id'] for p in result['positions']] == result['token_id']
+  assert [p[0]['id'] for p in result['positions']] == result['descent_token_id']
   scores = {s['role']: s for s in result['heldout']['scores']}
   assert scores['reference']['token_id'] == tok(' animal', add_special_tokens=False)['input_ids']
   assert all(len(s['token_id']) == 2 for s in result['heldout']['scores'] if s['role'] == 'random')

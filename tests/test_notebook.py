@@ -134,7 +134,7 @@ def test_notebook_runs_headless_in_quick_mode(tmp_path, monkeypatch):
   frames = [kw['data'] for args, kw in shown if 'data' in kw]
   assert len(frames) >= 3 and all(f.startswith(b'\x89PNG') for f in frames), len(frames)
   assert shown[-1][0] == (os.path.join(workdir, 'trajectory.png'),)
-  assert 'label' in ns['labeling'].summary(result)
+  assert 'label' in ns['views'].summary(result)
   assert ns['mesh'].shape['data'] >= 1
   # About 65 s on two CPU cores shared with other jobs (load average 5); a full 300-step run
   # would take minutes. The bound leaves room for a busier machine rather than being flaky.

@@ -56,7 +56,12 @@ FEWSHOT_PROMPT = dict(
     few_shot=tuple(dict(text=t, word=w, concept=c, answer=a) for t, w, c, a in FEW_SHOT_EXAMPLES),
 )
 
-PROMPTS = {'fewshot': FEWSHOT_PROMPT, 'rating': RATING_PROMPT}
+# The same few-shot prompt as chat turns, rendered with the model's own chat template: each worked
+# example a user turn and an assistant answer "Match: Yes" / "Match: No".
+FEWSHOT_CHAT_PROMPT = dict(FEWSHOT_PROMPT, chat=True, assistant_prefix='Match:')
+
+PROMPTS = {'fewshot': FEWSHOT_PROMPT, 'fewshot_chat': FEWSHOT_CHAT_PROMPT,
+           'rating': RATING_PROMPT}
 
 # Keys whose values are checked against a list; each list is spelled here only.
 CHOICES = {

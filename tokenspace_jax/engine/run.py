@@ -40,15 +40,21 @@ class Labeled:
   seconds: dict  # pool, descent, compile, scoring
 
 
-def label_features(config: ConfigDict, lm: LoadedModel, features: list[Feature], *,
-                   checkpoints: str, stop: StopFlag, mesh: jax.sharding.Mesh | None = None,
-                   trajectory_path: str | None = None, write: bool = True,
-                   progress: bool = False, name: str = '', n_local: int = 0,
-                   pool: Pool | None = None) -> Labeled:
-  """Every row of every feature descended from ``checkpoints`` (resumed when it holds one) and
-  scored. ``write`` is False on processes other than 0 of a multi-host job."""
-  pool = pool or build_pool(config, lm, features, mesh, n_local)
-  specs = rows.row_specs(config, len(features))
+@dataclasses.dataclass
+class Descent:
+  """What stepping a pool's rows needs: the jitted step and its arguments."""
+
+  specs: list[rows.RowSpec]
+  step: object  # step(state['rows'], data, hp, active)
+  state: dict  # loop.initial_state's
+  data: object  # DescentData of every row
+  hp: dict
+  search: object | None
+
+
+def prepare_descent(config: ConfigDict, lm: LoadedModel, pool: Pool) -> Descent:
+  """The rows of ``config`` over ``pool``: their initial state, data and step, on the mesh."""
+  specs = rows.row_specs(config, len(pool.features))
   objective = objective_from_config(config, lm.model)
   optimizer = descent.make_optimizer(config.optim)
   word_id = (label_lib.token_id_for_word(lm.tokenizer, config.label.init_word)
@@ -66,6 +72,19 @@ def label_features(config: ConfigDict, lm: LoadedModel, features: list[Feature],
     offsets = np.repeat(np.arange(pool.layout.data), block) * pool.layout.n_local
     searcher = search.make_search(objective, config.search.every, config.search.candidates,
                                   offsets)
+  return Descent(specs=specs, step=step_fn, state=state, data=data, hp=hp, search=searcher)
+
+
+def label_features(config: ConfigDict, lm: LoadedModel, features: list[Feature], *,
+                   checkpoints: str, stop: StopFlag, mesh: jax.sharding.Mesh | None = None,
+                   trajectory_path: str | None = None, write: bool = True,
+                   progress: bool = False, name: str = '', n_local: int = 0,
+                   pool: Pool | None = None) -> Labeled:
+  """Every row of every feature descended from ``checkpoints`` (resumed when it holds one) and
+  scored. ``write`` is False on processes other than 0 of a multi-host job."""
+  pool = pool or build_pool(config, lm, features, mesh, n_local)
+  d = prepare_descent(config, lm, pool)
+  specs, state, data, hp = d.specs, d.state, d.data, d.hp
   ckpt = Checkpointer(checkpoints, config.checkpoint_every)
   trajectory = None
   try:
@@ -81,9 +100,9 @@ def label_features(config: ConfigDict, lm: LoadedModel, features: list[Feature],
     decoded = {}
     decode = lambda ids: decoded.setdefault(ids, tok.decode(list(ids)))
     result = loop.descend(
-        step_fn, state, data, hp, steps=config.steps, early_stop_prob=config.early_stop.prob,
+        d.step, state, data, hp, steps=config.steps, early_stop_prob=config.early_stop.prob,
         patience=config.early_stop.patience, ckpt=ckpt, stop=stop, trajectory=trajectory,
-        decode=decode, search=searcher, progress=progress, name=name)
+        decode=decode, search=d.search, progress=progress, name=name)
   finally:
     if trajectory is not None:
       trajectory.close()
