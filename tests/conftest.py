@@ -107,3 +107,29 @@ def build_hf_qwen2(folder: str | None = None, seed: int = 0, **overrides):
 def make_hf_qwen2():
   """``build_hf_qwen2`` as a fixture."""
   return build_hf_qwen2
+
+
+@pytest.fixture(scope='session')
+def assert_same_tokenizer():
+  """``check(built, cached)``: what the labeling code uses of a tokenizer is the same in both
+  (ids both ways on awkward texts, the chat template, the special and pad tokens)."""
+  texts = ['Hello world', '  leading spaces\n\ttabs and trailing  ', '中文字符和 emoji 🤖',
+           'def f(x):\n    return x**2  # comment', '<|im_start|>user\nhi<|im_end|>',
+           'ÀÉÎ ümlaut']
+  chat = [{'role': 'user', 'content': 'What is 2+2?'}]
+
+  def check(built, cached):
+    assert type(cached) is type(built) and len(cached) == len(built)
+    for text in texts:
+      ids = built(text)['input_ids']
+      assert cached(text)['input_ids'] == ids, text
+      assert cached.decode(ids) == built.decode(ids), text
+    assert cached.chat_template == built.chat_template
+    assert (cached.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            == built.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
+    assert cached.special_tokens_map == built.special_tokens_map
+    assert cached.all_special_ids == built.all_special_ids
+    assert (cached.pad_token, cached.pad_token_id) == (built.pad_token, built.pad_token_id)
+    assert (cached.bos_token_id, cached.eos_token_id) == (built.bos_token_id, built.eos_token_id)
+
+  return check

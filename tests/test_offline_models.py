@@ -230,28 +230,7 @@ def test_names_resolve_through_load_model_source(monkeypatch):
 # The tokenizer cache. SmolLM2's GGUF builds in seconds; the equivalence on Qwen's 152k
 # vocabulary is checked in test_qwen2_gguf.py.
 
-TEXTS = ['Hello world', '  leading spaces\n\ttabs and trailing  ', '中文字符和 emoji 🤖',
-         'def f(x):\n    return x**2  # comment', '<|im_start|>user\nhi<|im_end|>', 'ÀÉÎ ümlaut']
-
-
-def assert_same_tokenizer(built, cached) -> None:
-  """What the labeling code uses of a tokenizer: ids both ways, the chat template, specials."""
-  assert type(cached) is type(built) and len(cached) == len(built)
-  for text in TEXTS:
-    ids = built(text)['input_ids']
-    assert cached(text)['input_ids'] == ids, text
-    assert cached.decode(ids) == built.decode(ids), text
-  assert cached.chat_template == built.chat_template
-  chat = [{'role': 'user', 'content': 'What is 2+2?'}]
-  assert (cached.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-          == built.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
-  assert cached.special_tokens_map == built.special_tokens_map
-  assert cached.all_special_ids == built.all_special_ids
-  assert (cached.pad_token, cached.pad_token_id) == (built.pad_token, built.pad_token_id)
-  assert (cached.bos_token_id, cached.eos_token_id) == (built.bos_token_id, built.eos_token_id)
-
-
-def test_tokenizer_is_cached_and_equivalent(cache, monkeypatch):
+def test_tokenizer_is_cached_and_equivalent(cache, monkeypatch, assert_same_tokenizer):
   path = default_gguf_path()
   built = tokenizer_module.load_tokenizer(path)
   folder = tokenizer_module.cached_tokenizer_dir(path)
