@@ -189,3 +189,22 @@ def test_a_read_only_directory_is_one_line_before_orbax_starts(mounts):
   with pytest.raises(storage.NotWritableError, match='read-only file system'):
     ckpt.save(2, state_at(2))
   ckpt.close()
+
+
+def test_running_out_of_memory_on_restore_sets_nothing_aside(tmp_path, monkeypatch):
+  directory = saved(tmp_path / 'c')
+  ckpt = Checkpointer(directory, every=1)
+
+  def oom(*args, **kwargs):
+    try:
+      raise MemoryError('out of device memory')
+    except MemoryError as e:
+      raise Exception('Encountered error while reading array index') from e  # as Orbax wraps
+
+  monkeypatch.setattr(ckpt._manager, 'restore', oom)
+  with pytest.raises(Exception, match='reading array index'):
+    ckpt.restore(state_at(0))
+  monkeypatch.undo()
+  ckpt.close()
+  assert not os.path.exists(os.path.join(directory, 'set_aside'))
+  assert restored_step(directory) == 2

@@ -178,6 +178,7 @@ def test_trajectory_on_a_full_disk_is_one_line_and_stays_whole(mounts):
   assert data.endswith(b'\n')  # the failed line was cut back: no half line
   steps = [json.loads(x)['step'] for x in data.splitlines()]
   assert steps == list(range(1, len(steps) + 1))
+  assert [r['step'] for r in t.records] == steps  # the failed record is not kept either
   # Resuming on the still-full disk works: cutting back to the checkpoint needs no space.
   t = report.Trajectory(str(path), resume_step=len(steps) - 1)
   assert len(t.records) == len(steps) - 1

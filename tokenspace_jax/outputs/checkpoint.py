@@ -64,6 +64,8 @@ class Checkpointer:
       try:
         restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
       except Exception as e:  # Orbax and Tensorstore raise many types for a damaged file
+        if _not_damage(e):
+          raise
         why = f'it cannot be read ({_first_line(e)})'
       else:
         why = self._verify(step, restored)
@@ -206,6 +208,17 @@ def checksums(state, dtypes: dict | None = None) -> dict:
     out[key] = {'dtype': str(a.dtype), 'shape': list(a.shape), 'nbytes': int(a.nbytes),
                 'sha256': digest}
   return out
+
+
+def _not_damage(e: BaseException) -> bool:
+  """Whether a failed restore says nothing about the files (out of device or host memory)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, (MemoryError, jax.errors.JaxRuntimeError)):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
 
 
 def _first_line(e: BaseException) -> str:

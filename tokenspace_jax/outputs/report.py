@@ -66,10 +66,10 @@ class Trajectory:
     return keep
 
   def append(self, record: dict):
-    self.records.append(record)
     if self._fd is not None:
       line = (json.dumps(record, ensure_ascii=False) + '\n').encode('utf-8')
       storage.append_line(self._fd, line, self.path)
+    self.records.append(record)  # after the write: ``records`` never holds more than the file
 
   def sync(self):
     """Makes the lines written so far durable (e.g. right after a checkpoint)."""

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import socket
 
 import numpy as np
 
@@ -200,8 +201,9 @@ def check_writable(directory: str):
   Orbax reports a read-only checkpoint directory from background threads and then waits
   minutes for signals that never come, so the fault is caught here, before it starts.
   """
-  probe = os.path.join(directory, f'.write-probe.{os.getpid()}')
+  probe = os.path.join(directory, f'.write-probe.{socket.gethostname()}.{os.getpid()}')
   with translated(directory):
     fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.close(fd)
-    os.remove(probe)
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(probe)

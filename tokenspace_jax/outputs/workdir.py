@@ -111,8 +111,8 @@ def fingerprint_file(path: str) -> dict:
 def _sample_sha256(path: str) -> str:
   """sha256 of the size, the first and last MiBs and evenly spaced blocks between them.
 
-  This stands for a full hash of a weights file, which would cost seconds on every run for
-  every gigabyte. What it must catch is another model at the same path (a re-download, a
+  This stands for a full hash of a weights file, which would read every weight on every run.
+  What it must catch is another model at the same path (a re-download, a
   re-export, a new quantization or fine-tune), not bit rot: the head holds a GGUF file's whole
   metadata and tensor table (a safetensors header is hashed exactly besides), a different
   model differs in nearly every tensor and so in the tail and the sampled blocks, and the size
