@@ -283,6 +283,7 @@ class Workdir:
     self.stale_after = stale_after
     self._pending: tuple[dict, dict] | None = None
     self._new_run = False
+    self._announced = False
 
   def path(self, *names: str) -> str:
     return os.path.join(self.root, *names)
@@ -347,8 +348,10 @@ class Workdir:
       return
     if not self.has_progress():
       self._new_run = True
-      log.info('%s: its earlier run left no checkpoint and no result; it takes this run\'s '
-               'config.', self.root)
+      if not self._announced:
+        self._announced = True
+        log.info('%s: its earlier run left no checkpoint and no result; it takes this run\'s '
+                 'config.', self.root)
       return
     if diffs:
       shown = [f'{k} ({_shown(a)} in the workdir, {_shown(b)} now)' for k, a, b in diffs[:6]]
