@@ -20,9 +20,10 @@ from tokenspace_jax.models.kv_cache import KVCache
 from tokenspace_jax.models.llama import Llama
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'capacity'))
-def _prefill(model: Llama, params, tokens, input_mask, capacity: int):
-  cache = KVCache.empty(model.config, tokens.shape[0], capacity, dtype=model.dtype)
+# The empty cache comes in as an argument: built inside the jit, its zeros would be constants,
+# and XLA spends seconds folding the attention over them at every new prompt length.
+@functools.partial(jax.jit, static_argnames=('model',), donate_argnames=('cache',))
+def _prefill(model: Llama, params, tokens, input_mask, cache: KVCache):
   # Hidden states, then the head on the last column only: full [batch, T, vocab] logits of a long
   # prompt would be the largest array of the whole call and only one column of it is used.
   hidden, cache = model.apply({'params': params}, tokens, input_mask=input_mask, cache=cache,
@@ -73,7 +74,8 @@ def greedy_generate(model: Llama, params, tokenizer: Any | None,
   capacity = tokens.shape[1] + max_new_tokens
   # -1 never matches a token id, so "no eos" needs no separate compiled variant.
   eos = jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32)
-  last, cache = _prefill(model, params, jnp.asarray(tokens), jnp.asarray(mask), capacity)
+  cache = KVCache.empty(model.config, len(prompts), capacity, dtype=model.dtype)
+  last, cache = _prefill(model, params, jnp.asarray(tokens), jnp.asarray(mask), cache)
   done = last == eos
   out = [last]
   for _ in range(max_new_tokens - 1):
