@@ -1,4 +1,4 @@
-"""Tests for the labeling data: built-in features, activation records, balanced sampling."""
+"""Tests for the labeling data: built-in features and activation records."""
 
 import importlib.resources
 import json
@@ -8,8 +8,6 @@ import pytest
 
 from tokenspace_jax.features import (
   SYNTHETIC_FEATURES,
-  BalancedSampler,
-  Example,
   FeatureError,
   FeatureFileNotFoundError,
   load_records,
@@ -307,57 +305,3 @@ def test_records_split_by_record_and_cap(tmp_path, tokenizer):
   assert {ex.text for ex in other.heldout} != heldout_texts
 
 
-# --- sampler ----------------------------------------------------------------------------------
-
-
-def _examples(n_pos, n_neg):
-  return ([Example(f'pos {i}', 0, 3, 1.0, 1.0) for i in range(n_pos)]
-          + [Example(f'neg {i}', 0, 3, 0.0, 0.0) for i in range(n_neg)])
-
-
-@pytest.mark.parametrize('fraction, n_pos', [(0.5, 4), (0.25, 2), (0.3, 2), (1.0, 8), (0.0, 0)])
-def test_sampler_composition(fraction, n_pos):
-  sampler = BalancedSampler(_examples(10, 50), batch_size=8, positive_fraction=fraction)
-  for step in range(20):
-    batch = sampler.batch(step)
-    assert len(batch) == 8
-    assert sum(ex.target for ex in batch) == n_pos
-
-
-def test_sampler_deterministic_and_resumable():
-  examples = _examples(7, 30)
-  run = BalancedSampler(examples, batch_size=6, seed=11)
-  uninterrupted = [run.batch(step) for step in range(12)]
-  resumed = BalancedSampler(examples, batch_size=6, seed=11)
-  assert [resumed.batch(step) for step in range(5, 12)] == uninterrupted[5:]
-  other = BalancedSampler(examples, batch_size=6, seed=12)
-  assert [other.batch(step) for step in range(12)] != uninterrupted
-
-
-def test_sampler_covers_each_epoch_without_replacement():
-  sampler = BalancedSampler(_examples(10, 40), batch_size=4, positive_fraction=0.5)
-  first_epoch = [ex.text for step in range(5) for ex in sampler.batch(step) if ex.target]
-  assert sorted(first_epoch) == sorted(f'pos {i}' for i in range(10))
-
-
-def test_sampler_natural_distribution():
-  sampler = BalancedSampler(_examples(0, 30), batch_size=10, positive_fraction=None)
-  seen = {ex.text for step in range(3) for ex in sampler.batch(step)}
-  assert len(seen) == 30
-
-
-def test_sampler_errors():
-  with pytest.raises(FeatureError, match='none of the'):
-    BalancedSampler(_examples(0, 10), batch_size=4)
-  with pytest.raises(FeatureError, match='all 5 examples are positive'):
-    BalancedSampler(_examples(5, 0), batch_size=4, positive_fraction=0.5)
-  with pytest.raises(FeatureError, match='positive_fraction'):
-    BalancedSampler(_examples(5, 5), batch_size=4, positive_fraction=1.5)
-  with pytest.raises(FeatureError, match='batch_size'):
-    BalancedSampler(_examples(5, 5), batch_size=0)
-
-
-def test_sampler_on_synthetic_feature():
-  feature = load_synthetic_feature('mammal')
-  batch = BalancedSampler(feature.train, batch_size=16).batch(0)
-  assert sum(ex.target for ex in batch) == 8

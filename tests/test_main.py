@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -96,7 +97,13 @@ def test_records_without_positives_are_refused(tiny_lm, tmp_path):
   path.write_text(json.dumps({'tokens': ['The', ' cat', ' sat'], 'activations': [0.1, 0.2, 0.0]})
                   + '\n')
   config = quick_config('', **{'feature.records': str(path), 'feature.threshold': 0.5})
-  with pytest.raises(FeatureError, match='threshold'):
+  with pytest.raises(FeatureError, match='threshold') as err:
+    main.run(config, str(tmp_path / 'w'), lm=tiny_lm)
+  # The hint, followed literally in the same workdir, is not refused as "another config": the
+  # failed run did not pin it (it fails later, for want of negatives, not of a workdir).
+  hinted = re.search(r'--config\.feature\.threshold=([0-9.]+)', str(err.value)).group(1)
+  config.feature.threshold = float(hinted)
+  with pytest.raises(FeatureError, match='no negative|no positive'):
     main.run(config, str(tmp_path / 'w'), lm=tiny_lm)
 
 

@@ -44,9 +44,9 @@ from tokenspace_jax import cli, config_defaults
 from tokenspace_jax.engine import record
 from tokenspace_jax.engine.run import label_features
 from tokenspace_jax.features.grouped_records import read_grouped_records
-from tokenspace_jax.main import inputs_of, load_for, run_mesh
+from tokenspace_jax.main import load_for, run_mesh, with_model
 from tokenspace_jax.models import LoadedModel
-from tokenspace_jax.outputs import views
+from tokenspace_jax.outputs import storage, views
 from tokenspace_jax.outputs.checkpoint import StopFlag
 from tokenspace_jax.outputs.labels_file import LabelsFile
 from tokenspace_jax.outputs.workdir import Workdir, WorkdirError, fingerprint_file
@@ -96,7 +96,7 @@ def run(config: ConfigDict, workdir: str, lm: LoadedModel | None = None) -> dict
     wd.check(settings, inputs)
     mesh = run_mesh(config)
     lm = lm or load_for(config, mesh)
-    inputs.update(inputs_of(config, lm))
+    inputs = with_model(inputs, config, lm)
     wd.check(settings, inputs)
     f = config.feature
     grouped = read_grouped_records(config.batch.features, lm.tokenizer, threshold=f.threshold,
@@ -134,11 +134,8 @@ def run(config: ConfigDict, workdir: str, lm: LoadedModel | None = None) -> dict
 
 
 def _write_skipped(path: str, problems):
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    for p in problems:
-      f.write(json.dumps(p.as_dict(), ensure_ascii=False) + '\n')
-  os.replace(tmp, path)
+  storage.atomic_write_text(path, ''.join(json.dumps(p.as_dict(), ensure_ascii=False) + '\n'
+                                          for p in problems))
 
 
 def _interrupted(stop: StopFlag, what: str):
@@ -166,8 +163,7 @@ def _run_group(config, lm, wd, index, count, ids, features, labels, done, stop, 
                        '--workdir, or restore the file.')
   elif labels is not None:
     os.makedirs(directory, exist_ok=True)
-    with open(members, 'w') as f:
-      json.dump(ids, f)
+    storage.write_json(members, ids)
   start = time.perf_counter()
   labeled = label_features(config, lm, features, checkpoints=os.path.join(directory,
                                                                           'checkpoints'),

@@ -21,11 +21,12 @@ def user_errors() -> tuple:
   from tokenspace_jax.features import FeatureError
   from tokenspace_jax.models import ModelLoadError, UnsupportedConfigError
   from tokenspace_jax.models.default import DefaultModelMissingError
+  from tokenspace_jax.outputs.storage import StorageError
   from tokenspace_jax.outputs.workdir import WorkdirError
   from tokenspace_jax.parallel.distributed import DistributedSetupError
   return (FeatureError, LabelError, ModelLoadError, UnsupportedConfigError, PromptError,
           DefaultModelMissingError, ConfigValueError, NonFiniteLossError, WorkdirError,
-          DistributedSetupError)
+          StorageError, DistributedSetupError)
 
 
 def run_reporting_errors(fn, *args):

@@ -55,14 +55,15 @@ def load_for(config: ConfigDict, mesh: jax.sharding.Mesh | None) -> LoadedModel:
   return lm
 
 
-def inputs_of(config: ConfigDict, lm: LoadedModel | None = None) -> dict:
-  """Fingerprints of what a run reads besides its config: a changed input is a new run."""
-  out = {}
-  if config.feature.records:
-    out['feature.records'] = fingerprint_file(config.feature.records)
-  if lm is not None:
-    out['model'] = fingerprint_model(config.model.source, lm.path)
-  return out
+def inputs_of(config: ConfigDict) -> dict:
+  """Fingerprints of the files a run reads besides its config and model: a changed input is a
+  new run."""
+  return ({'feature.records': fingerprint_file(config.feature.records)}
+          if config.feature.records else {})
+
+
+def with_model(inputs: dict, config: ConfigDict, lm: LoadedModel) -> dict:
+  return {**inputs, 'model': fingerprint_model(config.model.source, lm.path)}
 
 
 def run(config: ConfigDict, workdir: str, lm: LoadedModel | None = None,
@@ -74,7 +75,8 @@ def run(config: ConfigDict, workdir: str, lm: LoadedModel | None = None,
   wd = Workdir(workdir, write=main_process, resumable=config_defaults.RESUMABLE_CHANGES)
   with wd.lock():
     settings = json.loads(config.to_json())
-    wd.check(settings, inputs_of(config))
+    inputs = inputs_of(config)
+    wd.check(settings, inputs)
     finished = wd.finished(name)
     if finished is not None:
       log.info('%s already holds a finished run; not recomputing.', wd.path(name))
@@ -86,7 +88,7 @@ def run(config: ConfigDict, workdir: str, lm: LoadedModel | None = None,
     if on_mesh:
       log.info('Mesh %s over %d devices (%s).', dict(mesh.shape), mesh.size,
                mesh.devices.flat[0].platform)
-    inputs = inputs_of(config, lm)
+    inputs = with_model(inputs, config, lm)
     wd.check(settings, inputs)
     feature = load_feature(config.feature, lm.tokenizer, lm.config.vocab_size)
     with StopFlag().installed() as stop:

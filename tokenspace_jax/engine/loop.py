@@ -116,7 +116,8 @@ def descend(step_fn, state: dict, data, hp: dict, *, steps: int, early_stop_prob
         last = trajectory.records[-1]
         bar.set_postfix_str(f'loss {last["loss"]:.3f} label {last["label"]!r} '
                             f'p={min(last["label_p"]):.2f}')
-      ckpt.save(t, pack())
+      if ckpt.save(t, pack()) and trajectory is not None:
+        trajectory.sync()  # the trajectory on disk reaches at least the checkpoint
       if stop:
         ckpt.save(t, pack(), force=True)
         raise RunInterrupted(f'{stop.signal_name} received: stopped after step {t} with a '

@@ -142,7 +142,8 @@ def feature_from_records(records: list[ParsedRecord], tokenizer: Any, *, source:
                        'characters); add records with text.')
   if not any(ex.target for ex in all_examples):
     top = max(ex.activation for ex in all_examples)
-    hint = (f'Pass a lower threshold, e.g. threshold={top / 2:g}' if top > 0 else
+    hint = (f'Pass a lower threshold, e.g. threshold={top / 2:g} '
+            f'(--config.feature.threshold={top / 2:g})' if top > 0 else
             'The feature never fires in this file; check that it holds this feature\'s '
             f'activations (or pass a threshold below {top:g})')
     raise FeatureError(
