@@ -76,6 +76,9 @@ def test_assembles_once_then_trusts_the_record(cache, tmp_path, monkeypatch):
   with open(path, 'rb') as f:
     assert f.read() == b''.join(CHUNKS)
   assert os.path.isfile(path + '.sha256') and _leftovers(cache) == []
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's owner-only 0600
   # Later loads read neither the chunks nor the file: the record of the check suffices.
   for _, relpath in model.files:
     os.remove(site / relpath)
@@ -245,6 +248,9 @@ def test_tokenizer_is_cached_and_equivalent(cache, monkeypatch, assert_same_toke
   monkeypatch.setattr(tokenizer_module.AutoTokenizer, 'from_pretrained', from_pretrained)
   cached = tokenizer_module.load_tokenizer(path)
   assert calls == [(folder, {})], 'the GGUF was parsed again'
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(folder).st_mode & 0o777 == 0o777 & ~umask
   assert_same_tokenizer(built, cached)
   assert _leftovers(cache / 'tokenizers') == []
 

@@ -55,11 +55,29 @@ def fsync_dir(folder: str) -> None:
       os.close(fd)
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 def temporary_path(final: str, suffix: str = '.partial') -> str:
-  """A new empty file beside ``final``, hidden, for writing before the rename to ``final``."""
+  """A new empty file beside ``final``, hidden, for writing before the rename to ``final``.
+
+  Readable as a file created with ``open`` would be (mkstemp makes it owner-only), so a cache
+  folder shared by a team stays usable by all of it.
+  """
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(final),
                              prefix=f'.{os.path.basename(final)}.', suffix=suffix)
   os.close(fd)
+  os.chmod(tmp, 0o666 & ~_umask())
+  return tmp
+
+
+def temporary_dir(final: str) -> str:
+  """``temporary_path`` for a folder (mkdtemp makes it owner-only)."""
+  tmp = tempfile.mkdtemp(dir=os.path.dirname(final), prefix=f'.{os.path.basename(final)}.')
+  os.chmod(tmp, 0o777 & ~_umask())
   return tmp
 
 

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import shutil
-import tempfile
 
 import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -60,7 +59,7 @@ def gguf_tokenizer(path: str, *, use_cache: bool = True) -> PreTrainedTokenizerB
 
 def _save(tok: PreTrainedTokenizerBase, folder: str) -> None:
   parent = cache.cache_dir('tokenizers')
-  tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(folder)}.')
+  tmp = cache.temporary_dir(folder)
   try:
     tok.save_pretrained(tmp)
     with open(os.path.join(tmp, _COMPLETE), 'w') as f:
