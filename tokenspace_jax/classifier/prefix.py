@@ -65,8 +65,9 @@ def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.n
   capacity = n_shared + width
 
   @jax.jit
-  def run_shared(params, ids):
-    cache = KVCache.empty(model.config, 1, capacity, cache_dtype)
+  def run_shared(params, ids, cache):
+    # The empty cache comes in as an argument: built inside, XLA would constant-fold its zeros
+    # through the first layer (seconds of compile time, and a warning, per prompt length).
     _, cache = model.apply({'params': params}, ids[None], cache=cache, return_hidden=True)
     return cache
 
@@ -83,8 +84,8 @@ def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.n
     return (own(cache.k), own(cache.v), cache.valid[:, n_shared:],
             jax.nn.log_softmax(logits, axis=-1))
 
-  shared = (run_shared(params, jnp.asarray(shared_ids)) if n_shared
-            else KVCache.empty(model.config, 1, capacity, cache_dtype))
+  empty = KVCache.empty(model.config, 1, capacity, cache_dtype)
+  shared = run_shared(params, jnp.asarray(shared_ids), empty) if n_shared else empty
   first = lambda x: x[:, 0, :n_shared] if n_shared else None
   shared_k, shared_v = first(shared.k), first(shared.v)
   writer = _ShardedWriter(n, shared_k, shared_v, out_shardings)
