@@ -146,3 +146,123 @@ def test_command_line(tmp_path, labels, capsys):
   assert err.count('\n') == 1 and 'cannot be read' in err
   assert export_lib.main(['--format=xml', f'--labels={labels}', f'--out={tmp_path}']) == 2
   assert 'invalid choice' in capsys.readouterr().err
+
+
+# --- lines written by a real batch job -------------------------------------------------------
+
+# Each feature's records carry the source its importer writes (features/convert/from_*.py).
+REAL_FEATURES = {
+    'animal': ('layers.6.mlp_latent12', {'format': 'delphi', 'hookpoint': 'layers.6.mlp',
+                                         'latent': 12, 'model': 'HuggingFaceTB/SmolLM2-135M'}),
+    'number': ('gpt2-small/8-res-jb/4096', {'format': 'neuronpedia', 'modelId': 'gpt2-small',
+                                            'layer': '8-res-jb', 'index': '4096'}),
+    'mammal': ('5/131', {'format': 'openai', 'layer_index': 5, 'neuron_index': 131}),
+}
+REAL_OVERRIDES = {'steps': 3, 'checkpoint_every': 3, 'early_stop.prob': 0.0,
+                  'feature.max_train': 16, 'feature.max_heldout': 16,
+                  'eval.calibration_examples': 8, 'eval.bootstrap': 20, 'choice.examples': 8,
+                  'choice.top_k': 2, 'batch.features_per_step': 3}
+
+
+def _batch_labels(tiny_folder, tmp_path):
+  """labels.jsonl of ``tokenspace_jax.batch`` run on the built-in features' sentences with the
+  tiny random model: every field as views.labels_line writes it, whatever the labels say. The
+  Neuronpedia feature has only texts where it fires, as that importer gives, so every held-out
+  window holds a positive and its window-level AUROC and balanced accuracy are NaN."""
+  import importlib.util
+
+  from tokenspace_jax import batch, config_defaults
+  from tokenspace_jax.features.synthetic_records import synthetic_records
+  from tokenspace_jax.models import load_model
+
+  records = tmp_path / 'records.jsonl'
+  with open(records, 'w', encoding='utf-8') as f:
+    for name, (fid, source) in REAL_FEATURES.items():
+      rows = synthetic_records(name, fid)
+      if source['format'] == 'neuronpedia':  # it lists only texts where the feature fires
+        rows = [r for r in rows if max(r['activations']) > 0]
+      for r in rows[:30]:
+        f.write(json.dumps({**r, 'source': source}, ensure_ascii=False) + '\n')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location('batch_config',
+                                                os.path.join(root, 'configs', 'batch.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = config_defaults.override(module.get_config(), {
+      **REAL_OVERRIDES, 'model.source': tiny_folder, 'features': str(records)})
+  workdir = tmp_path / 'batch'
+  batch.run(config, str(workdir), lm=load_model(tiny_folder))
+  return str(workdir / 'labels.jsonl')
+
+
+@pytest.fixture(scope='module')
+def real_labels(tiny_folder, tmp_path_factory):
+  return _batch_labels(tiny_folder, tmp_path_factory.mktemp('real'))
+
+
+def _strict_loads(text):
+  """JSON as JavaScript and orjson read it: NaN and Infinity are refused."""
+  def refuse(constant):
+    raise ValueError(f'{constant} is not JSON')
+  return json.loads(text, parse_constant=refuse)
+
+
+def _read_lines(path):
+  with open(path, encoding='utf-8') as f:
+    return {line['feature_id']: line for line in map(json.loads, f)}
+
+
+def test_exports_of_a_real_labels_file(tmp_path, real_labels):
+  lines = _read_lines(real_labels)
+  assert set(lines) == {fid for fid, _ in REAL_FEATURES.values()}
+  for line in lines.values():  # the fields the exports read, as the job writes them
+    assert isinstance(line['label'], str) and line['label'].strip()
+    assert set(line['auroc']) == {'found', 'found_interval', 'reference', 'random_mean'}
+    assert set(line['scores']) == {'detection', 'correlation', 'balanced_accuracy'}
+    assert set(line['scores']['detection']) == {'auroc', 'balanced_accuracy', 'f1', 'windows',
+                                                'positive_windows'}
+
+  delphi_line = lines['layers.6.mlp_latent12']
+  report = export_lib.export('delphi', real_labels, str(tmp_path / 'results' / 'run'))
+  assert len(report.written) == 1 and len(report.skipped) == 2
+  assert _delphi_reads(str(tmp_path / 'results' / 'run' / 'explanations'), 'layers.6.mlp',
+                       12) == delphi_line['label'].strip()
+
+  line = lines['gpt2-small/8-res-jb/4096']
+  det = line['scores']['detection']
+  assert det['windows'] == det['positive_windows'] and det['auroc'] != det['auroc']  # NaN
+  with open(real_labels, encoding='utf-8') as f:
+    assert 'NaN' in f.read()  # Python's json writes it; JavaScript and orjson refuse it
+  export_lib.export('neuronpedia', real_labels, str(tmp_path / 'np'))
+  text = (tmp_path / 'np' / 'gpt2-small' / '8-res-jb' / '4096.json').read_text(encoding='utf-8')
+  explanation = _strict_loads(text)
+  assert explanation['description'] == line['label'].strip()
+  assert explanation['token_id'] == line['token_id']
+  assert explanation['identifiable'] is line['identifiable']
+  assert (explanation['verdict'], explanation['verdict_status']) == (line['verdict'],
+                                                                      line['verdict_status'])
+  values = {s['explanationScoreTypeName'].removeprefix('tokenspace-jax '): s['value']
+            for s in explanation['scores']}
+  expected = {'auroc_found': line['auroc']['found'],
+              'auroc_reference': line['auroc']['reference'],
+              'auroc_random_mean': line['auroc']['random_mean'],
+              'detection_auroc': det['auroc'], 'detection_balanced_accuracy':
+              det['balanced_accuracy'], 'detection_f1': det['f1'],
+              'correlation': line['scores']['correlation'],
+              'balanced_accuracy': line['scores']['balanced_accuracy']}
+  assert line['auroc']['reference'] is not None  # the records' reference_word
+  assert values == {k: v for k, v in expected.items() if v is not None and v == v}  # NaN: out
+  assert 'detection_auroc' not in values and 'auroc_found' in values
+  assert explanation['heldout'] == {
+      'examples': line['heldout']['examples'], 'positives': line['heldout']['positives'],
+      'windows': det['windows'], 'positive_windows': det['positive_windows']}
+
+  line = lines['5/131']
+  export_lib.export('openai', real_labels, str(tmp_path / 'oa'))
+  results = _strict_loads((tmp_path / 'oa' / '5' / '131.jsonl').read_text(encoding='utf-8'))
+  (scored,) = results['scored_explanations']
+  assert scored['explanation'] == line['label'].strip()
+  correlation = line['scores']['correlation']
+  assert scored['scored_simulation']['ev_correlation_score'] == (
+      correlation if correlation == correlation else None)
+

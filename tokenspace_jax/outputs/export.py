@@ -13,14 +13,16 @@ terms, which each export needs.
   at ``results/{run name}``.
 * ``neuronpedia``: ``OUTDIR/{modelId}/{layer}/{index}.json``, an explanation as Neuronpedia
   stores one (``modelId``, ``layer``, ``index``, ``description``, ``explanationModelName``,
-  ``typeName``) with our scores.
+  ``typeName``) with our scores (held-out AUROCs, window-level detection and correlation; a
+  score the run could not compute is left out), the verdict and the held-out sizes.
 * ``openai``: ``OUTDIR/{layer}/{neuron}.jsonl``, one ``NeuronSimulationResults`` line as
   ``neuron_explainer.explanations.explanations.load_neuron_explanations`` reads it.
 
 Without a ``source``, the ``feature_id`` is read as the tool writes names
 (``{hookpoint}_latent{i}``, ``{modelId}/{layer}/{index}``, ``{layer}/{neuron}``). Lines with an
 ``error`` (features that failed), without a label, or whose feature cannot be named in the
-format are skipped and reported; nothing is written for them.
+format are skipped and reported; nothing is written for them. NaN in a labels line (Python's
+json writes it, no other reader accepts it) is written as null.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -135,14 +138,23 @@ def description(line: dict) -> str:
   return line['label'].strip()
 
 
+# Sizes, not scores: ``scores.detection`` of a labels line counts its held-out windows.
+COUNTS = ('windows', 'positive_windows')
+
+
+def _finite(value: Any) -> bool:
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
 def _numbers(prefix: str, value: Any) -> dict:
-  """The numbers of a (nested) dict, keyed by their path: ``detection_auroc``, ..."""
-  if isinstance(value, bool):
-    return {}
-  if isinstance(value, (int, float)):
+  """The finite numbers of a (nested) dict, keyed by their path: ``detection_auroc``, ...; a
+  score the run could not compute (NaN: every held-out window positive, a constant margin) is
+  left out, as a missing reference word is."""
+  if _finite(value):
     return {prefix: value}
   if isinstance(value, dict):
-    return {k: v for key, sub in value.items()
+    return {k: v for key, sub in value.items() if key not in COUNTS
             for k, v in _numbers(f'{prefix}_{key}' if prefix else str(key), sub).items()}
   return {}
 
@@ -154,10 +166,32 @@ def _scores(line: dict) -> dict:
   return {**_numbers('auroc', line.get('auroc')), **_numbers('', line.get('scores'))}
 
 
+def _heldout_sizes(line: dict) -> dict:
+  """What the scores were computed on: held-out examples and positives, and windows."""
+  held = line.get('heldout') if isinstance(line.get('heldout'), dict) else {}
+  scores = line.get('scores') if isinstance(line.get('scores'), dict) else {}
+  detection = scores.get('detection') if isinstance(scores.get('detection'), dict) else {}
+  return {k: v for k, v in {**{k: held.get(k) for k in ('examples', 'positives')},
+                            **{k: detection.get(k) for k in COUNTS}}.items() if _finite(v)}
+
+
+def _json_safe(value: Any) -> Any:
+  """``value`` with NaN and infinities as null: labels.jsonl is written by Python's json, which
+  spells them ``NaN``, a token no other JSON reader (Neuronpedia's JavaScript, orjson) accepts."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if isinstance(value, dict):
+    return {k: _json_safe(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return [_json_safe(v) for v in value]
+  return value
+
+
 def _write_json(path: str, value: Any, lines: bool = False) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, 'w', encoding='utf-8') as f:
-    f.write(json.dumps(value, ensure_ascii=False) + ('\n' if lines else ''))
+    f.write(json.dumps(_json_safe(value), ensure_ascii=False, allow_nan=False)
+            + ('\n' if lines else ''))
 
 
 def export_delphi(lines: list[dict], out: str, report: ExportReport) -> None:
@@ -194,7 +228,8 @@ def export_neuronpedia(lines: list[dict], out: str, report: ExportReport,
         'explanationModelName': model_name, 'typeName': EXPLANATION_TYPE,
         'scores': [{'explanationScoreTypeName': f'tokenspace-jax {k}', 'value': v}
                    for k, v in scores.items()],
-        'identifiable': line.get('identifiable'), 'verdict': line.get('verdict'),
+        'identifiable': line.get('identifiable'), 'verdict_status': line.get('verdict_status'),
+        'verdict': line.get('verdict'), 'heldout': _heldout_sizes(line),
         'token_id': line.get('token_id'), 'probability': line.get('probability')}
     path = os.path.join(out, model, layer, f'{index}.json')
     _write_json(path, explanation)
@@ -219,8 +254,8 @@ def export_openai(lines: list[dict], out: str, report: ExportReport) -> None:
             'dataclass_name': 'ScoredExplanation', 'explanation': description(line),
             'scored_simulation': {
                 'dataclass_name': 'ScoredSimulation', 'scored_sequence_simulations': [],
-                'ev_correlation_score': correlation if isinstance(correlation, (int, float))
-                and not isinstance(correlation, bool) else None, 'rsquared_score': None,
+                'ev_correlation_score': correlation if _finite(correlation) else None,
+                'rsquared_score': None,
                 'absolute_dev_explained_score': None}}]}
     path = os.path.join(out, str(layer), f'{neuron}.jsonl')
     _write_json(path, results, lines=True)
