@@ -24,7 +24,6 @@ import importlib.util
 import inspect
 import io
 import os
-import re
 import sys
 import tokenize
 
@@ -200,15 +199,8 @@ def load_config_module(path: str):
 
 
 def config_arguments() -> list[str]:
-  """The arguments ``apply_arg`` accepts, read from its own error message so new ones show up."""
-  known = ['quick', *config_defaults.PROMPTS]
-  try:
-    config_defaults.apply_arg(config_defaults.get_base_config(), '\0')
-  except ValueError as e:
-    m = re.search(r'known: (.*?)\.?$', str(e))
-    if m:
-      known = [a.strip() for a in m.group(1).split(',') if a.strip()]
-  return known
+  """The preset arguments ``apply_arg`` accepts (``KEY=VALUE`` and ``model=NAME`` besides)."""
+  return list(config_defaults.PRESET_ARGS)
 
 
 def diff(before: dict, after: dict) -> dict:
@@ -378,6 +370,11 @@ def _config_files() -> tuple[list[str], list[str]]:
     lines += [f'| `{name}` | `{key}` | {show(value)} | {cell(meaning)} |'
               for name, key, value, meaning in added]
   lines += ['', '| argument | changes |', '|---|---|']
+  models = ', '.join(f'`{m}` → `{p}`' for m, p in config_defaults.MODEL_PROMPTS.items())
+  lines.append(f'| `:model=NAME` | `model.source=NAME`, and for a named offline model the '
+               f'prompt it answers best ({models}) |')
+  lines.append('| `:KEY=VALUE` | the dotted config key, the value read as its type '
+               '(`:optim.lr=0.3`) |')
   for a in args:
     texts = per_arg[a]
     if len(set(texts.values())) == 1:

@@ -40,6 +40,27 @@ OTHER_WORDS = {'chinese': ('中文', 'Chinese language', 'Japanese'),
                'number': ('numeral', 'digit')}
 
 
+# Candidate prompts beside config_defaults.PROMPTS: the few-shot examples with worked examples of
+# a language concept added (a word written in French, or not), since "is an instance of the
+# concept" reads oddly for a feature that fires on the words of a language.
+LANGUAGE_SHOTS = (("Il fait très beau aujourd'hui.", 'beau', 'French', True),
+                  ('She whispered merci before leaving.', 'merci', 'French', True),
+                  ('She whispered merci before leaving.', 'leaving', 'French', False),
+                  ('Wir gehen morgen ins Kino.', 'Kino', 'Spanish', False))
+
+
+def candidate_prompts() -> dict:
+  from tokenspace_jax import config_defaults as d
+
+  shots = tuple(dict(text=t, word=w, concept=c, answer=a)
+                for t, w, c, a in d.FEW_SHOT_EXAMPLES + LANGUAGE_SHOTS)
+  matches = 'Decide whether the word, as used in the text, matches the concept.'
+  return {**d.PROMPTS,
+          'fewshot_lang': dict(d.FEWSHOT_PROMPT, few_shot=shots),
+          'fewshot_lang_chat': dict(d.FEWSHOT_CHAT_PROMPT, few_shot=shots),
+          'fewshot_lang_match_chat': dict(d.FEWSHOT_CHAT_PROMPT, few_shot=shots, system=matches)}
+
+
 def config_for(feature: str, arg: str = '', **changes):
   spec = importlib.util.spec_from_file_location(feature, os.path.join(ROOT, 'configs',
                                                                       f'{feature}.py'))
@@ -57,14 +78,13 @@ def identifiability(lm, model: str, prompt: str, feature: str, randoms: int, tra
   """Training-split AUROCs of the reference, other words and random tokens, with intervals."""
   from ml_collections import ConfigDict
 
-  from tokenspace_jax import config_defaults
   from tokenspace_jax.classifier import label as label_lib
   from tokenspace_jax.engine import scoring
   from tokenspace_jax.engine.pool import build_pool
   from tokenspace_jax.features.from_config import load_feature
 
   config = config_for(feature, **{'feature.max_train': train, 'feature.max_heldout': 16})
-  config.prompt = ConfigDict(config_defaults.PROMPTS[prompt])
+  config.prompt = ConfigDict(candidate_prompts()[prompt])
   start = time.perf_counter()
   f = load_feature(config.feature, lm.tokenizer, lm.config.vocab_size)
   pool = build_pool(config, lm, [f])
@@ -138,8 +158,7 @@ def run_descent(args):
       config = config_for(feature, arg)
       from ml_collections import ConfigDict
 
-      from tokenspace_jax import config_defaults
-      config.prompt = ConfigDict(config_defaults.PROMPTS[prompt])
+      config.prompt = ConfigDict(candidate_prompts()[prompt])
       name = f'{feature}{"-" + args.tag if args.tag else ""}'
       workdir = os.path.join(args.out, 'descent', model, prompt, name)
       result = main.run(config, workdir, lm=lm)

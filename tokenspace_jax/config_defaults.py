@@ -209,6 +209,11 @@ def override(c: ConfigDict, changes: dict) -> ConfigDict:
   return c
 
 
+# The prompt each named offline model answers best (docs/prompt_study.md: the identifiability
+# of the four built-in features on the training split); other sources keep the config's prompt.
+MODEL_PROMPTS = {'default': 'fewshot', 'smollm2-135m': 'fewshot',
+                 'qwen2.5-coder-0.5b': 'fewshot_chat', 'qwen2.5-coder-1.5b': 'fewshot_chat'}
+
 PRESET_ARGS = ('quick', 'two', 'sweep', 'ablation', *PROMPTS)
 
 
@@ -216,16 +221,23 @@ def apply_arg(c: ConfigDict, arg: str | None) -> ConfigDict:
   """Comma-separated config arguments: presets and ``key=value`` settings, as in big_vision.
 
   ``configs/animal.py:quick,rating,optim.lr=0.3``. Presets: ``quick`` shortens the run for smoke
-  tests and first looks; ``fewshot`` and ``rating`` pick the prompt template; ``two`` makes the
-  label two tokens; ``sweep`` descends 3 learning rates x 2 restarts together, ``ablation`` the
-  entropy and KL weights each on and off (4 rows). A ``key=value`` sets a dotted config key,
-  the value read as the key's type (``model.source=qwen2.5-coder-0.5b``).
+  tests and first looks; ``fewshot``, ``fewshot_chat`` and ``rating`` pick the prompt template;
+  ``two`` makes the label two tokens; ``sweep`` descends 3 learning rates x 2 restarts together,
+  ``ablation`` the entropy and KL weights each on and off (4 rows). ``model=NAME`` sets
+  ``model.source`` and, for a named offline model, the prompt it answers best
+  (``MODEL_PROMPTS``). Any other ``key=value`` sets a dotted config key, the value read as the
+  key's type (``optim.lr=0.3``). Arguments apply in order, so a prompt named after ``model=``
+  wins.
   """
   for a in (arg or '').split(','):
     a = a.strip()
     if a == '':
       continue
-    if '=' in a:
+    if a.startswith('model='):
+      c.model.source = a.split('=', 1)[1].strip()
+      if c.model.source in MODEL_PROMPTS:
+        c.prompt = ConfigDict(PROMPTS[MODEL_PROMPTS[c.model.source]])
+    elif '=' in a:
       key, value = (s.strip() for s in a.split('=', 1))
       _set_typed(c, key, value)
     elif a == 'quick':
@@ -250,7 +262,7 @@ def apply_arg(c: ConfigDict, arg: str | None) -> ConfigDict:
       c.prompt = ConfigDict(PROMPTS[a])
     else:
       raise ConfigValueError(f'Unknown config argument {a!r}; known: {", ".join(PRESET_ARGS)}, '
-                             'or KEY=VALUE for a config key.')
+                             'model=NAME, or KEY=VALUE for a config key.')
   return c
 
 
