@@ -271,3 +271,38 @@ def test_group_of_other_features_is_refused(straight, tiny_folder, records, tiny
   (workdir / 'groups' / '00001' / 'features.json').write_text(json.dumps(['mammal', 'cat']))
   with pytest.raises(batch.BatchError, match='changed'):
     batch.run(_config(tiny_folder, records[0]), str(workdir), lm=tiny_lm)
+
+
+def test_worker_shards_merged_equal_one_job(straight, tiny_folder, records, tiny_lm, tmp_path):
+  """Two workers each label every other feature into their own workdir; the merge gives the
+  uninterrupted job's features, each once, in the file's order, with the same labels."""
+  from tokenspace_jax.outputs import merge
+
+  workers = [str(tmp_path / f'shard{i}') for i in range(2)]
+  for i, workdir in enumerate(workers):
+    batch.run(_config(tiny_folder, records[0], **{'batch.shard': i, 'batch.num_shards': 2,
+                                                   'batch.features_per_step': 1}),
+              workdir, lm=tiny_lm)
+  assert [x['feature_id'] for x in _lines(workers[0])] == ['animal', 'mammal']
+  with pytest.raises(merge.MergeError, match='missing'):
+    merge.merge(workers[:1])
+  out = tmp_path / 'merged.jsonl'
+  assert merge.main([*workers[::-1], f'--out={out}']) == 0
+  merged = [json.loads(x) for x in out.read_text().splitlines()]
+  one = _lines(straight)
+  assert [x['feature_id'] for x in merged] == [x['feature_id'] for x in one] == list(FEATURES)
+  for a, b in zip(merged, one, strict=True):
+    assert (a['label'], a['descent_label']) == (b['label'], b['descent_label'])
+    assert a['auroc']['found'] == pytest.approx(b['auroc']['found'], abs=1e-3)
+  # A worker that has not finished is named, unless a partial merge is asked for.
+  cut = tmp_path / 'cut'
+  shutil.copytree(workers[1], cut)
+  (cut / 'labels.jsonl').write_text(_lines_text(workers[1])[0])
+  with pytest.raises(merge.MergeError, match=r'Shards \[1\]'):
+    merge.merge([workers[0], str(cut)])
+  assert len(merge.merge([workers[0], str(cut)], partial=True)) == 3
+
+
+def _lines_text(workdir):
+  with open(os.path.join(workdir, 'labels.jsonl'), encoding='utf-8') as f:
+    return f.read().splitlines(keepends=True)

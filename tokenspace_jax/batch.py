@@ -16,7 +16,8 @@ together by the engine, one step for all, over one pool of prefix caches. What D
   their line number) and features that cannot be learned, one JSON object each with an
   ``error`` message.
 * ``groups/NNNNN/``: the checkpoints of the group in progress, removed once all its lines are
-  written; ``config.json``: the config and the inputs' fingerprints, checked on restart.
+  written; ``config.json`` and ``inputs.json``: the config and the inputs' fingerprints,
+  checked on restart; ``features.json``: the features this worker labels, in order.
 
 Killed at any point (SIGTERM, as a preemption does, or SIGKILL) and rerun with the same command,
 the job skips the features already in labels.jsonl, resumes the unfinished group from its
@@ -109,12 +110,18 @@ def run(config: ConfigDict, workdir: str, lm: LoadedModel | None = None) -> dict
     wd.commit(settings, inputs)
     if main_process:
       _write_skipped(wd.path('skipped.jsonl'), grouped.problems)
+      # What this worker owes, in order: what the merge of several workers checks against.
+      storage.write_json(wd.path('features.json'), {
+          'shard': b.shard, 'num_shards': b.num_shards,
+          'total': len(grouped.feature_ids), 'feature_ids': ids})
     for p in grouped.problems:
       log.warning('Skipped: %s', p.error)
     size = b.features_per_step
     groups = [(ids[i:i + size], features[i:i + size]) for i in range(0, len(features), size)]
     labels = LabelsFile(wd.path('labels.jsonl')) if main_process else None
     done = (lambda fid: fid in labels) if labels is not None else (lambda fid: False)
+    if labels is not None and not all(map(done, ids)):
+      storage.check_writable(wd.root)  # a finished job is only read; one with work must write
     log.info('%d features%s in %d groups of up to %d (%d already labeled); %d problems reported '
              'in skipped.jsonl.', len(features),
              f' (shard {b.shard} of {b.num_shards})' if b.num_shards > 1 else '', len(groups),
@@ -134,8 +141,16 @@ def run(config: ConfigDict, workdir: str, lm: LoadedModel | None = None) -> dict
 
 
 def _write_skipped(path: str, problems):
-  storage.atomic_write_text(path, ''.join(json.dumps(p.as_dict(), ensure_ascii=False) + '\n'
-                                          for p in problems))
+  """Rewrites ``skipped.jsonl`` where it differs: a finished job on a read-only workdir is
+  shown, not refused."""
+  text = ''.join(json.dumps(p.as_dict(), ensure_ascii=False) + '\n' for p in problems)
+  try:
+    with open(path, encoding='utf-8') as f:
+      if f.read() == text:
+        return
+  except (OSError, UnicodeDecodeError):
+    pass
+  storage.atomic_write_text(path, text)
 
 
 def _interrupted(stop: StopFlag, what: str):
