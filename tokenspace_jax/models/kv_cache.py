@@ -27,10 +27,6 @@ class KVCache(flax.struct.PyTreeNode):
                valid=jnp.zeros((batch, capacity), bool), end=jnp.zeros((), jnp.int32))
 
   @property
-  def capacity(self) -> int:
-    return self.valid.shape[1]
-
-  @property
   def lengths(self) -> jax.Array:
     """Number of real tokens per example; the next token's RoPE position."""
     return self.valid.sum(axis=1, dtype=jnp.int32)

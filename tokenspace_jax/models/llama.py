@@ -228,6 +228,3 @@ class Llama(nn.Module):
       w = jnp.take(w, readout_ids, axis=1)
     logits = jnp.einsum('...d,dv->...v', hidden, w.astype(self.dtype))
     return logits.astype(_accumulation_dtype(self.dtype))
-
-  def embedding_table(self) -> jax.Array:
-    return self.embed
