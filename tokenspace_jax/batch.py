@@ -43,9 +43,8 @@ from ml_collections import ConfigDict
 
 from tokenspace_jax import cli, config_defaults
 from tokenspace_jax.engine import record
-from tokenspace_jax.engine.run import label_features
+from tokenspace_jax.engine.run import label_features, load_for, run_mesh, with_model
 from tokenspace_jax.features.grouped_records import read_grouped_records
-from tokenspace_jax.main import load_for, run_mesh, with_model
 from tokenspace_jax.models import LoadedModel
 from tokenspace_jax.outputs import storage, views
 from tokenspace_jax.outputs.checkpoint import StopFlag

@@ -14,56 +14,32 @@ import os
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
 from ml_collections import ConfigDict
 
 from tokenspace_jax import cli, config_defaults
 from tokenspace_jax.engine import loop, record
-from tokenspace_jax.engine.run import label_features
+from tokenspace_jax.engine.run import (
+  default_workdir,
+  inputs_of,
+  label_features,
+  load_for,
+  run_mesh,
+  with_model,
+)
 from tokenspace_jax.features import SYNTHETIC_FEATURES
 from tokenspace_jax.features.from_config import load_feature
-from tokenspace_jax.models import LoadedModel, load_model
-from tokenspace_jax.models.loading.param_mapping import abstract_params
+from tokenspace_jax.models import LoadedModel, ModelLoadError
+from tokenspace_jax.models.loading.load import resolve_source
 from tokenspace_jax.outputs import report, views
 from tokenspace_jax.outputs.checkpoint import StopFlag
-from tokenspace_jax.outputs.workdir import Workdir, fingerprint_file, fingerprint_model
-from tokenspace_jax.parallel import distributed, sharding
+from tokenspace_jax.outputs.workdir import Workdir, fingerprint_model
+from tokenspace_jax.parallel import distributed
 
 log = logging.getLogger('tokenspace_jax')
 
 
 def is_sweep(config: ConfigDict) -> bool:
   return bool(config.sweep.grid) or config.sweep.restarts > 1
-
-
-def run_mesh(config: ConfigDict) -> jax.sharding.Mesh:
-  """The mesh of ``config.mesh`` over every device of the job."""
-  try:
-    return sharding.make_mesh(config.mesh)
-  except sharding.MeshError as e:
-    raise config_defaults.ConfigValueError(f'{e} (config.mesh).') from None
-
-
-def load_for(config: ConfigDict, mesh: jax.sharding.Mesh | None) -> LoadedModel:
-  """The model of ``config.model``, its weights loaded straight into their shardings."""
-  shardings = ((lambda model: sharding.param_shardings(abstract_params(model), mesh))
-               if mesh is not None and mesh.size > 1 else None)
-  lm = load_model(config.model.source, dtype=jnp.dtype(config.model.dtype), shardings=shardings,
-                  param_dtype=jnp.dtype(config.model.param_dtype or config.model.dtype))
-  log.info('Loaded %s in %.1f s.', lm.path, lm.load_seconds)
-  return lm
-
-
-def inputs_of(config: ConfigDict) -> dict:
-  """Fingerprints of the files a run reads besides its config and model: a changed input is a
-  new run."""
-  return ({'feature.records': fingerprint_file(config.feature.records)}
-          if config.feature.records else {})
-
-
-def with_model(inputs: dict, config: ConfigDict, lm: LoadedModel) -> dict:
-  return {**inputs, 'model': fingerprint_model(config.model.source, lm.path)}
 
 
 def run(config: ConfigDict, workdir: str, lm: LoadedModel | None = None,
@@ -79,6 +55,16 @@ def run(config: ConfigDict, workdir: str, lm: LoadedModel | None = None,
     wd.check(settings, inputs)
     finished = wd.finished(name)
     if finished is not None:
+      # The model too, without loading it: a result of another model is as stale as one of
+      # another records file. A model that cannot be found here cannot be compared; the result
+      # is still shown (a workdir copied elsewhere to be read).
+      try:
+        path = lm.path if lm is not None else resolve_source(config.model.source)
+      except ModelLoadError:
+        log.warning('Model %s not found here: the finished result is shown unchecked against '
+                    'it.', config.model.source)
+      else:
+        wd.check(settings, {**inputs, 'model': fingerprint_model(config.model.source, path)})
       log.info('%s already holds a finished run; not recomputing.', wd.path(name))
       return finished
     wall_start = time.perf_counter()
@@ -109,8 +95,9 @@ def run(config: ConfigDict, workdir: str, lm: LoadedModel | None = None,
       steps = max(r['steps'] for r in records)
       raise loop.NonFiniteLossError(
           f'The loss became non-finite at step {steps + 1}; stopped. The last good state (step '
-          f'{steps}) is kept in {wd.path("checkpoints")}. Lower optim.lr, or check the model '
-          'weights and dtype (bfloat16 overflows more easily than float32).')
+          f'{steps}) is kept in {wd.path("checkpoints")}. Rerun with a lower optim.lr and a new '
+          '--workdir (this one holds the failed run), or check the model weights and dtype '
+          '(bfloat16 overflows more easily than float32).')
     last = labeled.trajectory[-1] if labeled.trajectory else {}
     descent_time = last.get('elapsed', 0.0)
     steps_done = max(r['steps'] for r in records)
@@ -141,15 +128,16 @@ def main(argv):
     return 2
   try:  # before any folder is made: the workdir's name comes from the config
     config_defaults.validate(config, SYNTHETIC_FEATURES)
+    workdir = cli.WORKDIR.value or default_workdir(config)
   except config_defaults.ConfigValueError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
-  name = config.feature.name or os.path.splitext(os.path.basename(config.feature.records))[0]
-  workdir = cli.WORKDIR.value or os.path.join('workdirs', name or 'run')
   logging.getLogger('absl').setLevel(logging.WARNING)
   overrides = [a for a in sys.argv[1:] if a.startswith('--config.')]
   log.info('Config %s, overrides %s, workdir %s\n%s', cli.config_filename(), overrides, workdir,
            config)
+  finished = os.path.exists(os.path.join(workdir, 'sweep.json' if is_sweep(config)
+                                         else 'result.json'))  # what run() will only read
   # Before anything touches a device: joins the other hosts of a pod slice (auto-detected on
   # Cloud TPU, or from JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID); a no-op on a
   # single machine.
@@ -159,10 +147,11 @@ def main(argv):
     return code
   if is_sweep(config):
     print(views.sweep_summary(result))
-    print(f'Wrote {os.path.join(workdir, "sweep.json")}')
+    print(f'{"Read" if finished else "Wrote"} {os.path.join(workdir, "sweep.json")}')
   else:
     print(views.summary(result))
-    print(f'Wrote {os.path.join(workdir, "result.json")} and trajectory.png')
+    print(f'Read {os.path.join(workdir, "result.json")} (a finished run, not recomputed)'
+          if finished else f'Wrote {os.path.join(workdir, "result.json")} and trajectory.png')
   return 0
 
 

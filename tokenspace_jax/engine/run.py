@@ -1,4 +1,5 @@
-"""The engine's one entry: label rows over a pool of features, from caches to records.
+"""The engine's one entry: label rows over a pool of features, from caches to records; and the
+steps every command takes before it (the mesh, the model, the inputs' fingerprints).
 
 ``label_features`` is what every command runs, at its own size: ``main`` with one feature (one
 row, or the rows of a sweep), the batch job with a group of ``batch.features_per_step``
@@ -10,23 +11,68 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
 from tokenspace_jax.classifier import label as label_lib
 from tokenspace_jax.classifier.objective import objective_from_config
+from tokenspace_jax.config_defaults import ConfigValueError
 from tokenspace_jax.engine import descent, loop, record, rows, scoring, search
 from tokenspace_jax.engine.pool import Pool, build_pool
 from tokenspace_jax.features import Feature
-from tokenspace_jax.models import LoadedModel
+from tokenspace_jax.models import LoadedModel, load_model
+from tokenspace_jax.models.loading.param_mapping import abstract_params
 from tokenspace_jax.outputs.checkpoint import Checkpointer, StopFlag
 from tokenspace_jax.outputs.report import Trajectory
+from tokenspace_jax.outputs.workdir import fingerprint_file, fingerprint_model
 from tokenspace_jax.parallel import sharding
 
 log = logging.getLogger('tokenspace_jax')
+
+
+def run_mesh(config: ConfigDict) -> jax.sharding.Mesh:
+  """The mesh of ``config.mesh`` over every device of the job."""
+  try:
+    return sharding.make_mesh(config.mesh)
+  except sharding.MeshError as e:
+    raise ConfigValueError(f'{e} (config.mesh).') from None
+
+
+def load_for(config: ConfigDict, mesh: jax.sharding.Mesh | None) -> LoadedModel:
+  """The model of ``config.model``, its weights loaded straight into their shardings."""
+  shardings = ((lambda model: sharding.param_shardings(abstract_params(model), mesh))
+               if mesh is not None and mesh.size > 1 else None)
+  lm = load_model(config.model.source, dtype=jnp.dtype(config.model.dtype), shardings=shardings,
+                  param_dtype=jnp.dtype(config.model.param_dtype or config.model.dtype))
+  log.info('Loaded %s in %.1f s.', lm.path, lm.load_seconds)
+  return lm
+
+
+def inputs_of(config: ConfigDict) -> dict:
+  """Fingerprints of the files a run reads besides its config and model: a changed input is a
+  new run."""
+  return ({'feature.records': fingerprint_file(config.feature.records)}
+          if config.feature.records else {})
+
+
+def with_model(inputs: dict, config: ConfigDict, lm: LoadedModel) -> dict:
+  return {**inputs, 'model': fingerprint_model(config.model.source, lm.path)}
+
+
+def default_workdir(config: ConfigDict) -> str:
+  """``workdirs/NAME`` for the feature's name (or the records file's); refused where the name
+  is no plain folder name, which would put the workdir elsewhere (``../../x``, ``/x``)."""
+  name = config.feature.name or os.path.splitext(os.path.basename(config.feature.records))[0]
+  if name in ('.', '..') or any(sep and sep in name for sep in ('/', os.sep, os.altsep)):
+    raise ConfigValueError(
+        f'feature.name={name!r} is no folder name for the default workdir under workdirs/; '
+        'pass --workdir=DIR, or a feature.name without "/".')
+  return os.path.join('workdirs', name or 'run')
 
 
 @dataclasses.dataclass
