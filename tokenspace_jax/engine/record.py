@@ -56,10 +56,9 @@ def extra_candidates(config: ConfigDict, tokenizer, pool: Pool) -> list:
 
 
 def _split(pool: Pool, idx: np.ndarray) -> scoring.Split:
-  ex = [pool.examples[i] for i in idx]
-  windows = np.array([pool.groups[i] * 1_000_000 + getattr(e, 'window', i)
-                      for i, e in zip(idx, ex, strict=True)])
-  return scoring.Split(slots=pool.slot_of[idx], targets=pool.targets[idx], windows=windows,
+  ex = [pool.examples[i] for i in idx]  # of one feature, whose windows are numbered apart
+  return scoring.Split(slots=pool.slot_of[idx], targets=pool.targets[idx],
+                       windows=np.array([e.window for e in ex]),
                        activations=np.array([e.activation for e in ex], np.float64))
 
 
