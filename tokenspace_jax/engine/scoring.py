@@ -311,7 +311,7 @@ def verdict(scores: list[LabelScore], samples: np.ndarray | None = None, *,
         f'UNDETERMINED: too few held-out examples{n} to tell whether the label matters '
         f'({evidence}). Add held-out examples (docs/method.md#verdicts says how many).')
   else:
-    out['message'] = f'The label matters ({evidence}).'
+    out['message'] = f'IDENTIFIABLE: the label matters ({evidence}).'
   if found and reference:
     f, r = found[0], reference[0]
     diff = float(aurocs[f] - aurocs[r])
