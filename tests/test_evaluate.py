@@ -109,3 +109,12 @@ def test_window_detection_and_correlation():
   assert d['auroc'] == 1.0 and d['f1'] == 1.0 and d['windows'] == 3
   assert d['positive_windows'] == 1
   assert scoring.pearson(np.array([0, 1, 2.0]), np.array([0, 2, 4.0])) == pytest.approx(1.0)
+
+
+def test_a_found_label_that_beats_a_reference_the_classifier_ignores_comes_with_a_caution():
+  """The found label separates the classes, the reference word no better than random labels:
+  identifiable, but the reader is told the classifier hardly uses the concept."""
+  v = _verdict(400, [0.8, 0, 0, 0, 0])
+  assert v['status'] == scoring.IDENTIFIABLE and v['found_vs_reference'] == 'beats'
+  assert not v['reference_uses_concept'] and 'Caution' in v['message']
+  assert 'Caution' not in _verdict(400, [0.8, 0.6, 0, 0, 0])['message']

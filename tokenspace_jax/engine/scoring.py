@@ -331,4 +331,19 @@ def verdict(scores: list[LabelScore], samples: np.ndarray | None = None, *,
     out['message'] += (f' Found {fs.token!r}: AUROC {fs.auroc:.3f}; reference {rs.token!r}: '
                        f'{rs.auroc:.3f}; the found label {compare} the reference '
                        f'(difference {diff:+.3f}{ci(diff_ci) if diff_ci else ""}).')
+    # Does the classifier use the human concept at all? When the reference word itself does not
+    # clearly beat the random labels, a found label that does may work as a switch on the
+    # classifier (a negation, a token that shifts its yes rate with the word's script) rather
+    # than name the feature: the AUROC cannot tell those apart, so the reader is told.
+    ref_dep = samples[r] - samples[randoms].mean(axis=0) if has_samples and randoms else None
+    ref_ci = interval(ref_dep, confidence) if ref_dep is not None else None
+    ref_point = float(aurocs[r] - random_mean)
+    out['reference_dependence'] = ref_point
+    out['reference_dependence_interval'] = ref_ci
+    out['reference_uses_concept'] = bool(ref_point >= margin and (ref_ci is None or ref_ci[0] > 0))
+    if status == IDENTIFIABLE and compare == 'beats' and not out['reference_uses_concept']:
+      out['message'] += (f' Caution: the reference word itself barely beats the random labels '
+                         f'({ref_point:+.3f}{ci(ref_ci) if ref_ci else ""}), so this classifier '
+                         'hardly uses the concept; the found label may steer it by another route '
+                         'than naming the feature.')
   return out
