@@ -306,10 +306,12 @@ def verdict(scores: list[LabelScore], samples: np.ndarray | None = None, *,
         '). No label can be learned from this model on this feature with this prompt; the found '
         'token is not evidence of what the feature means.')
   elif status == UNDETERMINED:
-    n = '' if positives is None else f' ({positives} positives)'
+    n = '' if positives is None else f' ({positives} positives, {negatives} negatives)'
+    reason = ('too few held-out examples' if few else
+              f'the held-out examples cannot tell whether the label matters by {margin}')
     out['message'] = (
-        f'UNDETERMINED: too few held-out examples{n} to tell whether the label matters '
-        f'({evidence}). Add held-out examples (docs/method.md#verdicts says how many).')
+        f'UNDETERMINED: {reason}{n} ({evidence}). More held-out examples would decide it '
+        '(docs/method.md#verdicts says how many).')
   else:
     out['message'] = f'IDENTIFIABLE: the label matters ({evidence}).'
   if found and reference:
