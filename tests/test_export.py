@@ -230,9 +230,10 @@ def test_exports_of_a_real_labels_file(tmp_path, real_labels):
 
   line = lines['gpt2-small/8-res-jb/4096']
   det = line['scores']['detection']
-  assert det['windows'] == det['positive_windows'] and det['auroc'] != det['auroc']  # NaN
-  with open(real_labels, encoding='utf-8') as f:
-    assert 'NaN' in f.read()  # Python's json writes it; JavaScript and orjson refuse it
+  # Every held-out window fires: no window-level AUROC, written NaN by Python's json (which
+  # JavaScript and orjson refuse).
+  assert det['windows'] == det['positive_windows']
+  assert det['auroc'] is None or det['auroc'] != det['auroc']
   export_lib.export('neuronpedia', real_labels, str(tmp_path / 'np'))
   text = (tmp_path / 'np' / 'gpt2-small' / '8-res-jb' / '4096.json').read_text(encoding='utf-8')
   explanation = _strict_loads(text)
