@@ -219,7 +219,7 @@ def test_writers_on_a_read_only_workdir_are_one_line(mounts):
   (disk / 'labels.jsonl').write_text('{"feature_id": 1}\n')
   mounts.read_only(disk)
   for make in (lambda: report.Trajectory(str(disk / 'trajectory.jsonl'), 1),
-               lambda: LabelsFile(str(disk / 'labels.jsonl')),
+               lambda: LabelsFile(str(disk / 'labels.jsonl')).append({'feature_id': 2}),
                lambda: report.write_json(str(disk / 'result.json'), {'a': 1}),
                lambda: storage.check_writable(str(disk))):
     with pytest.raises(storage.NotWritableError, match='read-only file system') as err:
@@ -228,3 +228,4 @@ def test_writers_on_a_read_only_workdir_are_one_line(mounts):
   # Reading is still fine.
   t = report.Trajectory(str(disk / 'trajectory.jsonl'), 1, write=False)
   assert t.records == [{'step': 1}]
+  assert 1 in LabelsFile(str(disk / 'labels.jsonl'))  # a finished file opens for reading

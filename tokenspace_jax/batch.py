@@ -108,11 +108,12 @@ def run(config: ConfigDict, workdir: str, lm: LoadedModel | None = None) -> dict
     features = grouped.features[b.shard::b.num_shards]
     wd.commit(settings, inputs)
     if main_process:
-      _write_skipped(wd.path('skipped.jsonl'), grouped.problems)
+      _write_unless_same(wd.path('skipped.jsonl'), ''.join(
+          json.dumps(p.as_dict(), ensure_ascii=False) + '\n' for p in grouped.problems))
       # What this worker owes, in order: what the merge of several workers checks against.
-      storage.write_json(wd.path('features.json'), {
-          'shard': b.shard, 'num_shards': b.num_shards,
-          'total': len(grouped.feature_ids), 'feature_ids': ids})
+      _write_unless_same(wd.path('features.json'), json.dumps(
+          {'shard': b.shard, 'num_shards': b.num_shards, 'total': len(grouped.feature_ids),
+           'feature_ids': ids}, indent=2, ensure_ascii=False))
     for p in grouped.problems:
       log.warning('Skipped: %s', p.error)
     size = b.features_per_step
@@ -139,10 +140,9 @@ def run(config: ConfigDict, workdir: str, lm: LoadedModel | None = None) -> dict
           'skipped': len(grouped.problems), 'groups': len(groups)}
 
 
-def _write_skipped(path: str, problems):
-  """Rewrites ``skipped.jsonl`` where it differs: a finished job on a read-only workdir is
-  shown, not refused."""
-  text = ''.join(json.dumps(p.as_dict(), ensure_ascii=False) + '\n' for p in problems)
+def _write_unless_same(path: str, text: str):
+  """Replaces ``path`` with ``text`` unless it holds that already: a finished job on a
+  read-only workdir is shown, not refused."""
   try:
     with open(path, encoding='utf-8') as f:
       if f.read() == text:

@@ -207,9 +207,12 @@ def _check_memory(lm, enc, slots: int, shards: int, config: ConfigDict):
   free = _available_bytes()
   if free is not None and per_device > 0.9 * free:
     gb = lambda b: f'{b / 2**30:.1f} GB'
+    f = config.feature
+    # Only settings this command has: main has no batch section.
+    per_step = (f'batch.features_per_step ({config.batch.features_per_step}), '
+                if 'batch' in config else '')
     raise PoolMemoryError(
         f'The prefix caches of {slots} examples ({enc.prefix_ids.shape[1]} tokens each) need '
         f'about {gb(per_device)} per device, but only {gb(free)} is free. Lower '
-        f'feature.max_train ({config.feature.max_train}) or feature.max_heldout '
-        f'({config.feature.max_heldout}), batch.features_per_step, or feature.window; or use '
-        'more data shards (mesh.data).')
+        f'feature.max_train ({f.max_train}) or feature.max_heldout ({f.max_heldout}), '
+        f'{per_step}or feature.window ({f.window}); or use more data shards (mesh.data).')

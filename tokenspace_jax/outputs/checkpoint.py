@@ -14,7 +14,9 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
+import traceback
 
 import jax
 import numpy as np
@@ -243,10 +245,38 @@ class _StorageFaultFilter(logging.Filter):
 _FILTER = _StorageFaultFilter()
 
 
+def _late_callback(unraisable) -> bool:
+  """Whether an unraisable exception is a Tensorstore callback arriving after Orbax's event loop
+  closed: Orbax gives up on a read or write at its first error (a damaged step, a full disk)
+  and closes the loop, and the operations still in flight then finish into it. The error itself
+  has already reached the caller; these would add a traceback each to its one line."""
+  exc = unraisable.exc_value
+  frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
+  in_asyncio = [f.name for f in frames if os.path.basename(f.filename) == 'base_events.py']
+  return (type(exc) is RuntimeError and str(exc) == 'Event loop is closed'
+          and in_asyncio[-2:] == ['call_soon_threadsafe', '_check_closed'])
+
+
+def _drop_late_callbacks(unraisable):
+  try:
+    late = _late_callback(unraisable)
+  except Exception:  # e.g. at interpreter shutdown: report as Python would
+    late = False
+  if not late:
+    _PREVIOUS_HOOK(unraisable)
+
+
+_PREVIOUS_HOOK = sys.unraisablehook
+
+
 def _install_fault_filter():
   absl = logging.getLogger('absl')
   if _FILTER not in absl.filters:
     absl.addFilter(_FILTER)
+  global _PREVIOUS_HOOK
+  if sys.unraisablehook is not _drop_late_callbacks:
+    _PREVIOUS_HOOK = sys.unraisablehook
+    sys.unraisablehook = _drop_late_callbacks
 
 
 class StopFlag:

@@ -25,7 +25,7 @@ class LabelsFile:
     self._done: set = set()
     self.lines = 0
     self._repair_and_read()
-    self._fd = storage.open_append(path)
+    self._fd = None  # opened by the first append: a finished file may lie on a read-only disk
 
   def _repair_and_read(self):
     if not os.path.exists(self.path):
@@ -53,6 +53,8 @@ class LabelsFile:
     if fid in self._done:
       return False
     line = (json.dumps(record, ensure_ascii=False) + '\n').encode('utf-8')
+    if self._fd is None:
+      self._fd = storage.open_append(self.path)
     storage.append_line(self._fd, line, self.path)
     storage.fsync(self._fd, self.path)
     self._done.add(fid)
