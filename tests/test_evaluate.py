@@ -118,3 +118,13 @@ def test_a_found_label_that_beats_a_reference_the_classifier_ignores_comes_with_
   assert v['status'] == scoring.IDENTIFIABLE and v['found_vs_reference'] == 'beats'
   assert not v['reference_uses_concept'] and 'Caution' in v['message']
   assert 'Caution' not in _verdict(400, [0.8, 0.6, 0, 0, 0])['message']
+
+
+def test_random_labels_are_word_like_and_as_many_as_asked():
+  class Tok:
+    def decode(self, ids):
+      return {0: ' cat', 1: '##', 2: ' dog', 3: 'x', 4: ' tree'}[ids[0]]
+  allowed = np.ones(5, bool)
+  assert scoring.random_label_tokens(allowed, Tok(), 0, seed=0) == []
+  two = scoring.random_label_tokens(allowed, Tok(), 2, seed=0)
+  assert len(two) == 2 and set(two) <= {0, 2, 4}

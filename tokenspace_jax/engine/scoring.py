@@ -236,11 +236,11 @@ def random_label_tokens(allowed: np.ndarray, tokenizer, count: int, seed: int) -
   rng = np.random.default_rng(seed)
   chosen = []
   for i in rng.permutation(np.flatnonzero(allowed)):
+    if len(chosen) >= count:
+      break
     text = tokenizer.decode([int(i)]).strip()
     if len(text) >= 3 and text.isalpha() and text.isascii():
       chosen.append(int(i))
-    if len(chosen) == count:
-      break
   return chosen
 
 
