@@ -86,7 +86,8 @@ def test_unknown_feature_is_a_clear_error(tiny_lm, tmp_path):
 
 @pytest.mark.parametrize('key, value, match', [
     ('loss.answer', 'fuzzy', 'loss.answer'), ('steps', 0, 'steps'),
-    ('data.positive_fraction', 1.0, 'positive_fraction'), ('label.num_tokens', 9, 'num_tokens')])
+    ('data.positive_fraction', 1.0, 'positive_fraction'), ('label.num_tokens', 9, 'num_tokens'),
+    ('steps', 10**10, 'steps'), ('label.temperature', 1e-30, 'temperature')])
 def test_bad_config_values_are_clear_errors(tmp_path, key, value, match):
   with pytest.raises(ConfigValueError, match=match):
     main.run(quick_config(**{key: value}), str(tmp_path))  # fails before loading a model

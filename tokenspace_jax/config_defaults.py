@@ -80,6 +80,7 @@ CHOICES = {
 RESUMABLE_CHANGES = ('steps', 'checkpoint_every', 'early_stop', 'eval', 'progress', 'choice')
 
 MAX_LABEL_TOKENS = 8
+MAX_STEPS = 1_000_000
 
 # Grid keys of ``sweep.grid`` -> the per-row hyperparameter each sets.
 GRID_KEYS = {'optim.lr': 'lr', 'loss.w_label': 'w_label', 'loss.w_entropy': 'w_entropy',
@@ -353,6 +354,9 @@ def validate(config: ConfigDict, builtin_features=()):
               'search.every', 'choice.top_k', 'choice.examples', 'eval.num_random',
               'eval.calibration_examples', 'eval.bootstrap', 'label.init_scale'):
     need(key, non_negative, 'must not be negative')
+  # The schedule holds every step's batch up front: a typo of a few zeros must not fill memory.
+  need('steps', lambda v: v <= MAX_STEPS, f'is more than {MAX_STEPS:,} steps')
+  need('label.temperature', lambda v: v >= 1e-3, 'must be at least 0.001 (p = softmax(v / T))')
   need('label.num_tokens', lambda v: 1 <= v <= MAX_LABEL_TOKENS,
        f'must be between 1 and {MAX_LABEL_TOKENS}')
   need('data.positive_fraction', lambda v: 0 < v < 1, 'must be strictly between 0 and 1')

@@ -180,8 +180,9 @@ def _record(spec, r, pool, f, p, chosen, own, decode, status, steps, trajectory,
   }
   if int(status[r]) == NON_FINITE:
     record['error'] = ('The loss became non-finite; the row stopped at its last good state '
-                       f'(step {int(steps[r])}). Lower optim.lr, or check the model weights and '
-                       'dtype (bfloat16 overflows more easily than float32).')
+                       f'(step {int(steps[r])}). Rerun with a lower optim.lr in a new --workdir, '
+                       'or check the model weights and dtype (bfloat16 overflows more easily '
+                       'than float32).')
   return record
 
 
