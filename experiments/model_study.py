@@ -106,7 +106,7 @@ def identifiability(lm, model: str, prompt: str, feature: str, randoms: int, tra
   aurocs = np.array([scoring.auroc(m, targets) for m in margins])
   samples = scoring.bootstrap_aurocs(margins, targets, resamples, seed=0)
   random = [i for i, x in enumerate(labels) if x[2] == 'random']
-  dependence = samples[0] - samples[random].mean(axis=0)
+  dependence = samples[0] - scoring.random_means(samples[random])
   return {'model': model, 'prompt': prompt, 'feature': feature,
           'examples': int(len(idx)), 'positives': int(targets.sum()),
           'labels': [{'token': s, 'token_ids': [int(t) for t in ids], 'role': role,

@@ -282,3 +282,57 @@ def test_later_label_positions_take_the_prior_after_the_discrete_prefix():
   expected = 0.5 * (kl(p[0], log_p[0], np.asarray(data.mean_log_prior))
                     + kl(p[1], log_p[1], log_q1))
   np.testing.assert_allclose(float(m['kl']), expected, rtol=1e-4)
+
+
+def test_contrast_baseline_is_subtracted_from_every_answer():
+  """With a baseline β_i on the caches, the loss, the search's losses and every score use the
+  margin less β_i; with none, the raw margin (the paper's)."""
+  from tokenspace_jax.engine import scoring
+
+  model, params = _tiny()
+  targets = np.array([1, 0] * 6, np.float32)
+  data = _data(model, params, targets, np.arange(12)[None] % 12)
+  beta = jnp.asarray(np.random.default_rng(1).normal(size=12) * 2, jnp.float32)
+  contrasted = data.caches.replace(baseline=beta)
+  tail, answers = data.tail_ids, data.answer_ids
+  raw = scoring.LabelScorer(model, params, data.caches, tail, answers, False, rows=8)
+  scorer = scoring.LabelScorer(model, params, contrasted, tail, answers, False, rows=8)
+  slots = np.arange(12)
+  labels = [[20], [31], [40, 41]]
+  np.testing.assert_allclose(scorer.margins(labels, slots),
+                             raw.margins(labels, slots) - np.asarray(beta)[None], atol=1e-5)
+  # The binary loss: CE of sigmoid(raw margin + b - β_i), for a soft label and a learned b.
+  objective = Objective(model, LossWeights(), full_vocab_answer=False)
+  label = {'logits': jnp.asarray(np.random.default_rng(2).normal(size=(1, TINY.vocab_size))),
+           'answer_bias': jnp.asarray(0.7)}
+  idx = jnp.arange(12)
+  args = (params, contrasted, idx, jnp.asarray(targets), tail, answers, data.allowed,
+          data.mean_log_prior, jnp.asarray(0))
+  _, metrics = objective(label, *args)
+  emb = jnp.exp(objective.log_p(label, data.allowed)) @ params['embed']
+  lp = prefix.answer_log_probs(model, params, data.caches.take(idx), emb, tail, answers,
+                               jnp.zeros(()), False)
+  z = lp[:, 0] - lp[:, 1] + 0.7 - beta
+  expected = -jnp.mean(targets * jax.nn.log_sigmoid(z) + (1 - targets) * jax.nn.log_sigmoid(-z))
+  np.testing.assert_allclose(metrics['answer_ce'], expected, rtol=1e-5)
+  _, plain = objective(label, params, data.caches, *args[2:])
+  assert abs(float(plain['answer_ce']) - float(expected)) > 1e-3
+
+
+def test_contrast_labels_never_include_a_label_the_verdict_scores():
+  from tokenspace_jax import config_defaults
+  from tokenspace_jax.engine import pool, scoring
+
+  class Words:
+    def decode(self, ids):
+      return ''.join('abcdefghij'[int(d)] for d in f'{int(ids[0]):04d}')
+
+  allowed = np.ones(400, bool)
+  config = config_defaults.get_base_config()
+  for k in (1, 2):
+    config.label.num_tokens = k
+    scored = scoring.random_label_tokens(allowed, Words(), config.eval.num_random * k,
+                                         config.seed)
+    contrast = pool.contrast_labels(config, Words(), allowed)
+    assert len(contrast) == config.contrast.labels and all(len(x) == k for x in contrast)
+    assert not set(scored) & {i for x in contrast for i in x}

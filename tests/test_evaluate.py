@@ -128,3 +128,15 @@ def test_random_labels_are_word_like_and_as_many_as_asked():
   assert scoring.random_label_tokens(allowed, Tok(), 0, seed=0) == []
   two = scoring.random_label_tokens(allowed, Tok(), 2, seed=0)
   assert len(two) == 2 and set(two) <= {0, 2, 4}
+
+
+def test_the_random_mean_interval_counts_which_random_labels_were_drawn():
+  """Random labels that disagree widely widen the interval of their mean, even where every
+  label's own AUROC is certain (identical in every example resample)."""
+  from tokenspace_jax.engine.scoring import random_means
+
+  same = np.full((5, 400), 0.6)
+  np.testing.assert_allclose(random_means(same), 0.6)
+  spread = np.repeat(np.array([[0.25], [0.45], [0.5], [0.55], [0.75]]), 400, axis=1)
+  means = random_means(spread)
+  assert abs(means.mean() - 0.5) < 0.02 and means.std() > 0.05

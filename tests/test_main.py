@@ -214,8 +214,10 @@ def test_main_on_simulated_meshes(tiny_folder, tmp_path):
   lines = {n: [json.loads(x) for x in (tmp_path / n / 'trajectory.jsonl').read_text().splitlines()]
            for n in results}
   assert [r['step'] for r in lines['4x2']] == list(range(1, 9))
+  # Float rounding only: the model shards sum the matmuls (and the contrast baseline's margins)
+  # in another order.
   np.testing.assert_allclose([r['loss'] for r in lines['4x1']], [r['loss'] for r in lines['4x2']],
-                             rtol=0, atol=1e-5)
+                             rtol=5e-6, atol=1e-5)
   assert results['4x1']['label'] == results['4x2']['label']
   aurocs = lambda r: [s['auroc'] for s in r['heldout']['scores']]
   np.testing.assert_allclose(aurocs(results['4x1']), aurocs(results['4x2']), atol=1e-6)

@@ -166,6 +166,12 @@ def get_base_config() -> ConfigDict:
   c.mesh.data = -1  # devices along the data axis (the batch must be a multiple)
   c.mesh.model = 1  # devices along the model axis (weights split by the sharding rules)
 
+  # The classifier's answer as what the label adds (docs/method.md, "Contrast"): each example's
+  # yes/no margin is taken relative to its mean margin under random labels, in the loss and in
+  # every score, so words the model says "yes" to whatever the concept do not decide the label.
+  c.contrast = ConfigDict()
+  c.contrast.labels = 8  # random labels averaged per example (0: the raw margins, as the paper)
+
   # Label rows descended together in one run: restarts and a hyperparameter grid.
   c.sweep = ConfigDict()
   c.sweep.restarts = 1  # label rows per grid point; restarts after the first add noise
@@ -352,7 +358,8 @@ def validate(config: ConfigDict, builtin_features=()):
   for key in ('loss.w_label', 'loss.w_entropy', 'loss.w_kl', 'loss.entropy_warmup_steps',
               'optim.weight_decay', 'optim.warmup_steps', 'optim.clip_norm', 'sweep.noise',
               'search.every', 'choice.top_k', 'choice.examples', 'eval.num_random',
-              'eval.calibration_examples', 'eval.bootstrap', 'label.init_scale'):
+              'eval.calibration_examples', 'eval.bootstrap', 'label.init_scale',
+              'contrast.labels'):
     need(key, non_negative, 'must not be negative')
   # The schedule holds every step's batch up front: a typo of a few zeros must not fill memory.
   need('steps', lambda v: v <= MAX_STEPS, f'is more than {MAX_STEPS:,} steps')

@@ -62,7 +62,8 @@ class Objective:
     p = jnp.exp(log_p)
     # One embedding lookup per step, shared by the whole batch.
     embedding = p @ params['embed'].astype(p.dtype)
-    bias = label['answer_bias'] if self.learn_answer_bias else jnp.zeros(())
+    bias = caches.answer_bias(label['answer_bias'] if self.learn_answer_bias else jnp.zeros(()),
+                              idx)
     lp = prefix.answer_log_probs(
         self.model, params, caches.take(idx), embedding.astype(self.model.dtype), tail_ids,
         answer_ids, bias, self.full_vocab_answer)

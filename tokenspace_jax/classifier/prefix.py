@@ -32,6 +32,20 @@ class PrefixCaches(flax.struct.PyTreeNode):
   log_prior: jax.Array  # [examples, V]: log q, the model's next-token distribution at the slot
   shared_k: jax.Array | None = None  # [layers, S, kv_heads, head_dim]
   shared_v: jax.Array | None = None
+  # [examples] the yes/no margin each example gets from labels that carry no information about
+  # it (see ``calibration_margins``); None: margins are used as the model gives them.
+  baseline: jax.Array | None = None
+
+  def answer_bias(self, bias: jax.Array, idx: jax.Array) -> jax.Array:
+    """The yes-logit bias of examples ``idx``: the learned ``bias`` less each one's baseline.
+
+    Subtracting the baseline makes the classifier's answer a measure of what the label adds:
+    some examples draw a "yes" whatever the concept (a small model says yes to most common
+    words), and without it that tendency, not the label, decides much of the ranking.
+    """
+    if self.baseline is None:
+      return bias
+    return bias - jnp.take(self.baseline, idx)
 
   def take(self, idx: jax.Array) -> PrefixCache:
     """The caches of examples ``idx`` as a read-only PrefixCache for a block that follows them.
@@ -156,8 +170,9 @@ def answer_log_probs(model: Llama, params, cache: KVCache | PrefixCache,
   """log P(yes), log P(no) [batch, 2] after [label slot(s), tail] on top of ``cache``.
 
   ``label_embeddings`` is [K, hidden] (one label for the batch) or [batch, K, hidden].
-  ``answer_bias`` is added to the yes-logit. With ``full_vocab`` the answer distribution is the
-  softmax over the whole vocabulary (as in the paper); otherwise over the two answers only.
+  ``answer_bias`` (a scalar, or one per example) is added to the yes-logit. With
+  ``full_vocab`` the answer distribution is the softmax over the whole vocabulary (as in the
+  paper); otherwise over the two answers only.
   """
   batch = cache.valid.shape[0]
   if label_embeddings.ndim == 2:
@@ -167,7 +182,7 @@ def answer_log_probs(model: Llama, params, cache: KVCache | PrefixCache,
   x = jnp.concatenate([label_embeddings, tail], axis=1)
   hidden, _ = model.apply({'params': params}, embeddings=x, cache=cache, return_hidden=True)
   last = hidden[:, -1]
-  bias = jnp.stack([answer_bias, jnp.zeros_like(answer_bias)])
+  bias = jnp.stack([answer_bias, jnp.zeros_like(answer_bias)], axis=-1)
   if full_vocab:
     logits = model.apply({'params': params}, last, method=Llama.logits)
     logits = logits.at[:, answer_ids[0]].add(answer_bias)

@@ -26,6 +26,7 @@ from ml_collections import ConfigDict
 from tokenspace_jax.classifier import label as label_lib
 from tokenspace_jax.classifier import prefix, prompts
 from tokenspace_jax.config_defaults import ConfigValueError
+from tokenspace_jax.engine import scoring
 from tokenspace_jax.engine.descent import DescentData
 from tokenspace_jax.engine.rows import RowSpec
 from tokenspace_jax.features import Example, Feature, FeatureError
@@ -153,15 +154,49 @@ def build_pool(config: ConfigDict, lm: LoadedModel, features: list[Feature],
       jnp.take(caches.log_prior, jnp.asarray(slot_of[np.flatnonzero((groups == f) & train)]),
                axis=0).mean(axis=0) for f in range(len(features))])
   allowed = label_lib.allowed_mask(lm.tokenizer, lm.config.vocab_size, config.label.mask_special)
+  tail_ids = np.asarray(enc.tail_ids)
+  answer_ids = np.asarray([enc.yes_id, enc.no_id], np.int32)
+  if config.contrast.labels:
+    caches = caches.replace(baseline=contrast_baseline(config, lm, caches, tail_ids, answer_ids,
+                                                       allowed, placement))
   pool = Pool(features=list(features), examples=examples, groups=groups, train=train,
               targets=targets, layout=layout, template=template, caches=caches,
-              slot_targets=layout.arrange(targets), tail_ids=np.asarray(enc.tail_ids),
-              answer_ids=np.asarray([enc.yes_id, enc.no_id], np.int32), allowed=allowed,
+              slot_targets=layout.arrange(targets), tail_ids=tail_ids,
+              answer_ids=answer_ids, allowed=allowed,
               schedules=schedules, mean_log_priors=priors, mesh=mesh if on_mesh else None,
               seconds=0.0)
   jax.block_until_ready((caches, priors))  # so the time reported is the work done
   pool.seconds = time.perf_counter() - start
   return pool
+
+
+def contrast_labels(config: ConfigDict, tokenizer, allowed: np.ndarray) -> list[list[int]]:
+  """The ``contrast.labels`` random labels (of ``label.num_tokens`` tokens) whose mean margin is
+  each example's baseline: word-like tokens drawn apart from the random labels a verdict is
+  scored against, so no label is ever compared with a baseline that contains it."""
+  k = config.label.num_tokens
+  scored = scoring.random_label_tokens(allowed, tokenizer, config.eval.num_random * k,
+                                       config.seed)
+  rest = allowed.copy()
+  rest[scored] = False
+  ids = scoring.random_label_tokens(rest, tokenizer, config.contrast.labels * k,
+                                    config.seed + 1)
+  return [ids[j:j + k] for j in range(0, len(ids) - k + 1, k)]
+
+
+def contrast_baseline(config: ConfigDict, lm: LoadedModel, caches: prefix.PrefixCaches,
+                      tail_ids: np.ndarray, answer_ids: np.ndarray, allowed: np.ndarray,
+                      placement=None) -> jax.Array:
+  """[slots] every example's mean yes/no margin under ``contrast_labels``: computed once,
+  with the raw scorer, and placed like the caches."""
+  scorer = scoring.LabelScorer(lm.model, lm.params, caches, tail_ids, answer_ids,
+                               config.loss.answer == 'full', config.eval.batch_size)
+  labels = contrast_labels(config, lm.tokenizer, allowed)
+  baseline = scorer.margins(labels, np.arange(caches.valid.shape[0])).mean(axis=0)
+  if placement is None:
+    return jnp.asarray(baseline)
+  abstract = caches.replace(baseline=jax.ShapeDtypeStruct(baseline.shape, baseline.dtype))
+  return jax.device_put(baseline, placement(abstract).baseline)
 
 
 def _check_context(lm: LoadedModel, enc: prompts.EncodedPrompts, label_tokens: int):

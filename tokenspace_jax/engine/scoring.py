@@ -155,7 +155,8 @@ class LabelScorer:
     def run(params, caches, slots, label_ids, tail_ids, answer_ids):
       emb = params['embed'][label_ids]  # [rows, K, hidden]: one compilation per label length
       lp = prefix.answer_log_probs(self.model, params, caches.take(slots), emb, tail_ids,
-                                   answer_ids, jnp.zeros(()), self.full_vocab)
+                                   answer_ids, caches.answer_bias(jnp.zeros(()), slots),
+                                   self.full_vocab)
       return lp[:, 0] - lp[:, 1]
     return run
 
@@ -244,6 +245,19 @@ def random_label_tokens(allowed: np.ndarray, tokenizer, count: int, seed: int) -
   return chosen
 
 
+def random_means(samples: np.ndarray, seed: int = 0) -> np.ndarray:
+  """[resamples] the random labels' mean AUROC in each bootstrap replicate, the random labels
+  themselves drawn again (with replacement) in every replicate.
+
+  A handful of random labels is itself a sample: how far their mean is from that of every
+  word-like token belongs in the interval, most of all under contrast, where random labels
+  spread widely (one may rank the examples well by chance, another invert them).
+  """
+  labels, resamples = samples.shape
+  pick = np.random.default_rng(seed).integers(labels, size=(resamples, labels))
+  return samples[pick, np.arange(resamples)[:, None]].mean(axis=1)
+
+
 def verdict(scores: list[LabelScore], samples: np.ndarray | None = None, *,
             positives: int | None = None, negatives: int | None = None,
             confidence: float = 0.95, margin: float = IDENTIFIABILITY_MARGIN) -> dict:
@@ -268,7 +282,7 @@ def verdict(scores: list[LabelScore], samples: np.ndarray | None = None, *,
   dependence, above_chance = best_named - random_mean, best_named - 0.5
   has_samples = samples is not None and samples.size > 0 and best is not None
   if has_samples:
-    dep_samples = samples[best] - (samples[randoms].mean(axis=0) if randoms else np.nan)
+    dep_samples = samples[best] - (random_means(samples[randoms]) if randoms else np.nan)
     dep_ci = interval(dep_samples, confidence)
     chance_ci = interval(samples[best] - 0.5, confidence)
   else:  # no intervals: the point estimates decide, as they always did
@@ -337,7 +351,7 @@ def verdict(scores: list[LabelScore], samples: np.ndarray | None = None, *,
     # clearly beat the random labels, a found label that does may work as a switch on the
     # classifier (a negation, a token that shifts its yes rate with the word's script) rather
     # than name the feature: the AUROC cannot tell those apart, so the reader is told.
-    ref_dep = samples[r] - samples[randoms].mean(axis=0) if has_samples and randoms else None
+    ref_dep = samples[r] - random_means(samples[randoms]) if has_samples and randoms else None
     ref_ci = interval(ref_dep, confidence) if ref_dep is not None else None
     ref_point = float(aurocs[r] - random_mean)
     out['reference_dependence'] = ref_point

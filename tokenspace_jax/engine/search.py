@@ -49,7 +49,8 @@ def make_search(objective: Objective, every: int, candidates: int, slot_offsets:
     idx = data.schedule[t] + offsets
     targets = jnp.take(data.targets, idx)
     embed = data.params['embed']
-    bias = label['answer_bias'] if objective.learn_answer_bias else jnp.zeros(())
+    bias = data.caches.answer_bias(
+        label['answer_bias'] if objective.learn_answer_bias else jnp.zeros(()), idx)
     cache = data.caches.take(idx)
 
     def ce(e):  # e [batch, 1, hidden]: one slot embedding per example
@@ -69,7 +70,8 @@ def make_search(objective: Objective, every: int, candidates: int, slot_offsets:
     flat = data.caches.take(jnp.tile(idx, c))
     emb = jnp.repeat(embed[ids][:, None], batch, axis=0)  # [C * batch, 1, hidden]
     lp = prefix.answer_log_probs(model, data.params, flat, emb.astype(model.dtype),
-                                 data.tail_ids, data.answer_ids, bias,
+                                 data.tail_ids, data.answer_ids,
+                                 jnp.tile(jnp.broadcast_to(bias, (batch,)), c),
                                  objective.full_vocab_answer)
     tiled = jnp.tile(targets, c)
     losses = -(tiled * lp[:, 0] + (1 - tiled) * lp[:, 1]).reshape(c, batch).mean(axis=1)

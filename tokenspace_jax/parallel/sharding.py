@@ -131,7 +131,8 @@ def cache_specs(caches: PrefixCaches, mesh: Mesh) -> PrefixCaches:
                       valid=fit(P(DATA, None), c.valid),
                       log_prior=fit(P(DATA, MODEL), c.log_prior),
                       shared_k=fit(P(None, None, MODEL, None), c.shared_k),
-                      shared_v=fit(P(None, None, MODEL, None), c.shared_v))
+                      shared_v=fit(P(None, None, MODEL, None), c.shared_v),
+                      baseline=fit(P(DATA), c.baseline))
 
 
 def cache_shardings(caches: PrefixCaches, mesh: Mesh) -> PrefixCaches:
