@@ -1,15 +1,18 @@
-"""Label the built-in `animal` feature on the embedded default model.
+"""Label the built-in `animal` feature.
+
+It fires on words naming animals (plants, objects and animal-named things such as Jaguar the car are
+its hard negatives).
 
     python -m tokenspace_jax.main --config=configs/animal.py --workdir=workdirs/animal
     python -m tokenspace_jax.main --config=configs/animal.py:quick --workdir=/tmp/animal-quick
 
-About 4 minutes on 2 CPU cores (237 s from model load to result, measured under a load
-average of ~6 from other jobs).
-Expected label: ' creature' (p 0.99, early stop at step 172; ' animal' leads on the way),
-held-out AUROC 0.75 vs 0.70 for the reference ' animal' and 0.56 for random tokens.
+Runs on the embedded default model, SmolLM2-135M-Instruct; `model=qwen2.5-coder-0.5b` (or
+-1.5b) as an argument runs it on a larger offline model with that model's prompt. What each
+model labels this feature as, how sure the verdict is and how long it takes are measured in
+docs/results.md, with the commands.
 
 Arguments (comma-separated): quick (20 steps, small splits), rating (the paper's zero-shot
-chat rating prompt instead of the few-shot default).
+chat rating prompt instead of the few-shot default), model=NAME (docs/models.md), KEY=VALUE.
 """
 
 from tokenspace_jax import config_defaults as common

@@ -5,27 +5,17 @@
         --config.features=/tmp/four_features.jsonl --workdir=workdirs/batch-four
 
 The first command writes the four built-in features (chinese, animal, mammal, number) as one
-records file: 918 records, each feature's reference word included, its hard negatives not (an
-SAE dump does not mark them). On the embedded default model the second took 11 minutes on 2 CPU
-cores (654 s, under a load average of ~5 from other jobs; peak memory 6.1 GB) and wrote
-workdirs/batch-four/labels.jsonl with, per feature (held-out AUROC found / reference / random
-mean):
-
-  chinese  ' emotion'  p 0.54  300 steps   0.41 / 0.50 / 0.43  not identifiable
-  animal   ' creature' p 0.99  173 steps   0.64 / 0.60 / 0.53  identifiable
-  mammal   ' animal'   p 1.00  158 steps   0.55 / 0.54 / 0.44  not identifiable (near chance)
-  number   ' book'     p 1.00  165 steps   0.65 / 0.68 / 0.65  not identifiable
-
-animal and mammal end where their single runs do (docs/results.md: ' creature' at step 172,
-' animal' at 156); the scores differ because the records split and sample the data differently.
-Each feature's 320 examples hold about 1 GB of prefix caches (float32): the default of 2
-features per step is what was measured here; raise batch.features_per_step where memory allows
-(4 were killed for memory on this 23 GB machine while other jobs ran, before the caches were
-built in place rather than concatenated).
+records file, each feature's reference word included, its hard negatives not (an SAE dump does
+not mark them). The second labels them `batch.features_per_step` at a time and appends one line
+per feature to workdirs/batch-four/labels.jsonl. Its labels, times and peak memory on this
+project's machines are in docs/scaling.md; each feature's prefix caches take memory in
+proportion to its examples, so lower `batch.features_per_step` where memory is short.
 
 Rerun the same command after a kill (SIGTERM, Ctrl-C) to resume; tokenspace_jax/batch.py says
-what the workdir holds. Arguments (comma-separated): quick (20 steps, small splits), rating
-(the paper's zero-shot chat rating prompt instead of the few-shot default).
+what the workdir holds. `--config.batch.shard=i --config.batch.num_shards=n` gives worker i its
+fixed slice of the features (docs/scaling.md). Arguments (comma-separated): quick (20 steps,
+small splits), rating (the paper's zero-shot chat rating prompt instead of the few-shot default),
+model=NAME, KEY=VALUE.
 """
 
 from ml_collections import ConfigDict

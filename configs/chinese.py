@@ -1,17 +1,17 @@
-"""Label the built-in `chinese` feature on the embedded default model.
+"""Label the built-in `chinese` feature.
+
+It fires on Chinese words (Japanese and Korean words are its hard negatives).
 
     python -m tokenspace_jax.main --config=configs/chinese.py --workdir=workdirs/chinese
     python -m tokenspace_jax.main --config=configs/chinese.py:quick --workdir=/tmp/chinese-quick
 
-179 s from model load to result on 2 CPU cores (model 10.5 s, prompt caches 43 s, 276 steps
-of descent 125 s with a 3.8 s compile, evaluation 16 s), 3 min 21 s for the whole command with
-Python and JAX start-up; measured while another labeling job shared the cores (load 2-4).
-Expected result: NOT IDENTIFIABLE. Descent converges (to ' environment'), but random
-tokens separate Chinese from Japanese/Korean/English words about as well as ' Chinese'
-does (held-out AUROC 0.60 vs 0.64), and the run says so. See docs/results.md.
+Runs on the embedded default model, SmolLM2-135M-Instruct; `model=qwen2.5-coder-0.5b` (or
+-1.5b) as an argument runs it on a larger offline model with that model's prompt. What each
+model labels this feature as, how sure the verdict is and how long it takes are measured in
+docs/results.md, with the commands.
 
 Arguments (comma-separated): quick (20 steps, small splits), rating (the paper's zero-shot
-chat rating prompt instead of the few-shot default).
+chat rating prompt instead of the few-shot default), model=NAME (docs/models.md), KEY=VALUE.
 """
 
 from tokenspace_jax import config_defaults as common

@@ -1,16 +1,18 @@
-"""Label the built-in `mammal` feature on the embedded default model.
+"""Label the built-in `mammal` feature.
+
+It fires on words naming mammals (birds, fish, insects, reptiles and amphibians are its hard
+negatives).
 
     python -m tokenspace_jax.main --config=configs/mammal.py --workdir=workdirs/mammal
     python -m tokenspace_jax.main --config=configs/mammal.py:quick --workdir=/tmp/mammal-quick
 
-About 4 minutes on 2 CPU cores (202 s from model load to result, measured under a load
-average of ~6 from other jobs).
-Expected label: ' animal' (p 0.998, early stop at step 156): SmolLM2-135M cannot tell
-mammals from other animals whatever the concept, and ' animal' scores above ' mammal'
-(held-out AUROC 0.60 vs 0.54; random tokens 0.48).
+Runs on the embedded default model, SmolLM2-135M-Instruct; `model=qwen2.5-coder-0.5b` (or
+-1.5b) as an argument runs it on a larger offline model with that model's prompt. What each
+model labels this feature as, how sure the verdict is and how long it takes are measured in
+docs/results.md, with the commands.
 
 Arguments (comma-separated): quick (20 steps, small splits), rating (the paper's zero-shot
-chat rating prompt instead of the few-shot default).
+chat rating prompt instead of the few-shot default), model=NAME (docs/models.md), KEY=VALUE.
 """
 
 from tokenspace_jax import config_defaults as common

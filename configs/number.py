@@ -1,14 +1,18 @@
-"""Label the built-in `number` feature on the embedded default model.
+"""Label the built-in `number` feature.
+
+It fires on numerals and cardinal number words (ordinals, the pronoun "one", months and weekdays are
+its hard negatives).
 
     python -m tokenspace_jax.main --config=configs/number.py --workdir=workdirs/number
     python -m tokenspace_jax.main --config=configs/number.py:quick --workdir=/tmp/number-quick
 
-About 4-5 minutes on 2 CPU cores (measured under a load average of ~6 from other jobs).
-Expected result: NOT IDENTIFIABLE. Every label, random ones included, lets the model pick
-out numerals about equally well (held-out AUROC 0.62-0.67); the run says so.
+Runs on the embedded default model, SmolLM2-135M-Instruct; `model=qwen2.5-coder-0.5b` (or
+-1.5b) as an argument runs it on a larger offline model with that model's prompt. What each
+model labels this feature as, how sure the verdict is and how long it takes are measured in
+docs/results.md, with the commands.
 
 Arguments (comma-separated): quick (20 steps, small splits), rating (the paper's zero-shot
-chat rating prompt instead of the few-shot default).
+chat rating prompt instead of the few-shot default), model=NAME (docs/models.md), KEY=VALUE.
 """
 
 from tokenspace_jax import config_defaults as common

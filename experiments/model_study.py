@@ -1,7 +1,7 @@
 """Which model and prompt can label the four built-in features: identifiability, then descent.
 
     python experiments/model_study.py identifiability [--models M,M] [--prompts P,P] \\
-        [--features F,F] [--out workdirs/study]
+        [--features F,F] [--arg contrast.labels=0] [--out workdirs/study]
     python experiments/model_study.py descent --models M --features F [--arg quick,...]
     python experiments/model_study.py table [--out workdirs/study]
 
@@ -14,7 +14,8 @@ through, whatever the descent does.
 
 ``descent`` runs ``tokenspace_jax.main`` on ``configs/<feature>.py`` with the model and prompt
 given, into ``OUT/<model>/<prompt>/<feature>``, and ``table`` prints both tables for
-docs/results.md. Every result is a JSON file under OUT, so the tables can be rebuilt at any time.
+docs/results.md. Every result is a JSON file under OUT, so the tables can be rebuilt at any time;
+one that exists is not recomputed, so give each setting (``--arg``) its own ``--out``.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def config_for(feature: str, arg: str = '', **changes):
 
 
 def identifiability(lm, model: str, prompt: str, feature: str, randoms: int, train: int,
-                    resamples: int = 1000) -> dict:
+                    resamples: int = 1000, arg: str = '') -> dict:
   """Training-split AUROCs of the reference, other words and random tokens, with intervals."""
   from ml_collections import ConfigDict
 
@@ -83,7 +84,7 @@ def identifiability(lm, model: str, prompt: str, feature: str, randoms: int, tra
   from tokenspace_jax.engine.pool import build_pool
   from tokenspace_jax.features.from_config import load_feature
 
-  config = config_for(feature, **{'feature.max_train': train, 'feature.max_heldout': 16})
+  config = config_for(feature, arg, **{'feature.max_train': train, 'feature.max_heldout': 16})
   config.prompt = ConfigDict(candidate_prompts()[prompt])
   start = time.perf_counter()
   f = load_feature(config.feature, lm.tokenizer, lm.config.vocab_size)
@@ -108,7 +109,8 @@ def identifiability(lm, model: str, prompt: str, feature: str, randoms: int, tra
   random = [i for i, x in enumerate(labels) if x[2] == 'random']
   dependence = samples[0] - scoring.random_means(samples[random])
   return {'model': model, 'prompt': prompt, 'feature': feature,
-          'examples': int(len(idx)), 'positives': int(targets.sum()),
+          'contrast_labels': int(config.contrast.labels), 'examples': int(len(idx)),
+          'positives': int(targets.sum()),
           'labels': [{'token': s, 'token_ids': [int(t) for t in ids], 'role': role,
                       'auroc': float(a), 'interval': scoring.interval(samples[i], 0.95)}
                      for i, ((ids, s, role), a) in enumerate(zip(labels, aurocs, strict=True))],
@@ -131,7 +133,8 @@ def run_identifiability(args):
         path = os.path.join(args.out, 'identifiability', model, prompt, f'{feature}.json')
         if os.path.exists(path):
           continue
-        result = identifiability(lm, model, prompt, feature, args.random, args.train)
+        result = identifiability(lm, model, prompt, feature, args.random, args.train,
+                                 arg=args.arg)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, 'w') as f:
           json.dump(result, f, indent=1, ensure_ascii=False)
@@ -172,8 +175,9 @@ def _load(path):
 
 def table(args):
   root = os.path.join(args.out, 'identifiability')
-  lines = ['| model | prompt | feature | identifiability [95% interval] | reference AUROC | '
-           'best other word | random mean |', '|---|---|---|---|---:|---|---:|']
+  lines = ['| model | prompt | contrast | feature | identifiability [95% interval] | '
+           'reference AUROC | best other word | random mean |',
+           '|---|---|---:|---|---|---:|---|---:|']
   for model in MODELS:
     for prompt in sorted(os.listdir(os.path.join(root, model))) if os.path.isdir(
         os.path.join(root, model)) else []:
@@ -184,16 +188,17 @@ def table(args):
         r = _load(path)
         other = max((x for x in r['labels'] if x['role'] == 'other'), key=lambda x: x['auroc'])
         lo, hi = r['interval']
-        lines.append(f'| {model} | {prompt} | {feature} | {r["identifiability"]:+.3f} '
+        lines.append(f'| {model} | {prompt} | {r.get("contrast_labels", 0)} | {feature} | '
+                     f'{r["identifiability"]:+.3f} '
                      f'[{lo:+.3f}, {hi:+.3f}] | {r["labels"][0]["auroc"]:.3f} | '
                      f'`{other["token"]!r}` {other["auroc"]:.3f} | {r["random_mean"]:.3f} |')
   print('\n'.join(lines))
   root = os.path.join(args.out, 'descent')
   if not os.path.isdir(root):
     return
-  lines = ['', '| model | prompt | feature | label (descent\'s own) | steps | wall time | '
-           'held-out AUROC found / reference / random mean | verdict |',
-           '|---|---|---|---|---:|---:|---|---|']
+  lines = ['', '| model | prompt | contrast | feature | label (descent\'s own) | steps | '
+           'wall time | held-out AUROC found / reference / random mean | verdict |',
+           '|---|---|---:|---|---|---:|---:|---|---|']
   for model in sorted(os.listdir(root)):
     for prompt in sorted(os.listdir(os.path.join(root, model))):
       for name in sorted(os.listdir(os.path.join(root, model, prompt))):
@@ -201,12 +206,15 @@ def table(args):
         if not os.path.exists(path):
           continue
         r = _load(path)
+        config = _load(os.path.join(os.path.dirname(path), 'config.json'))
+        contrast = config.get('config', config).get('contrast', {}).get('labels', 0)
         s = {x['role']: x for x in r['heldout']['scores']}
         v = r['heldout']['verdict']
         ci = s['found']['auroc_interval']
         ref = s.get('reference')
         lines.append(
-            f'| {model} | {prompt} | {name} | `{r["label"]!r}` (`{r["descent_label"]!r}`) | '
+            f'| {model} | {prompt} | {contrast} | {name} | `{r["label"]!r}` '
+            f'(`{r["descent_label"]!r}`) | '
             f'{r["steps"]} | {r["wall_seconds"]:.0f} s | {s["found"]["auroc"]:.3f} '
             f'[{ci[0]:.2f}, {ci[1]:.2f}] / {ref["auroc"] if ref else float("nan"):.3f} / '
             f'{v["random_auroc_mean"]:.3f} | {v["status"]}'
