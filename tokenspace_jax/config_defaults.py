@@ -193,7 +193,7 @@ def get_base_config() -> ConfigDict:
 
   # Held-out scoring of the label against the reference word and random tokens.
   c.eval = ConfigDict()
-  c.eval.num_random = 5  # random word-like tokens scored as a baseline
+  c.eval.num_random = 10  # random word-like tokens scored as a baseline (their spread counts)
   c.eval.calibration_examples = 64  # training examples each label's threshold is fitted on
   c.eval.batch_size = 32  # rows per forward pass of the prefix caching and of scoring
   c.eval.bootstrap = 1000  # bootstrap resamples of the held-out split for the intervals
