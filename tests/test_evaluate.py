@@ -117,7 +117,10 @@ def test_a_found_label_that_beats_a_reference_the_classifier_ignores_comes_with_
   v = _verdict(400, [0.8, 0, 0, 0, 0])
   assert v['status'] == scoring.IDENTIFIABLE and v['found_vs_reference'] == 'beats'
   assert not v['reference_uses_concept'] and 'Caution' in v['message']
-  assert 'Caution' not in _verdict(400, [0.8, 0.6, 0, 0, 0])['message']
+  assert v['message'].startswith('IDENTIFIABLE, WITH A CAUTION:') and v['caution']
+  plain = _verdict(400, [0.8, 0.6, 0, 0, 0])
+  assert 'Caution' not in plain['message'] and 'caution' not in plain
+  assert plain['message'].startswith('IDENTIFIABLE: ')
 
 
 def test_random_labels_are_word_like_and_as_many_as_asked():

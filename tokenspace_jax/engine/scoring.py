@@ -358,8 +358,12 @@ def verdict(scores: list[LabelScore], samples: np.ndarray | None = None, *,
     out['reference_dependence_interval'] = ref_ci
     out['reference_uses_concept'] = bool(ref_point >= margin and (ref_ci is None or ref_ci[0] > 0))
     if status == IDENTIFIABLE and compare == 'beats' and not out['reference_uses_concept']:
-      out['message'] += (f' Caution: the reference word itself barely beats the random labels '
-                         f'({ref_point:+.3f}{ci(ref_ci) if ref_ci else ""}), so this classifier '
-                         'hardly uses the concept; the found label may steer it by another route '
-                         'than naming the feature.')
+      out['caution'] = (f'the reference word itself barely beats the random labels '
+                        f'({ref_point:+.3f}{ci(ref_ci) if ref_ci else ""}), so this classifier '
+                        'hardly uses the concept; the found label may steer it by another route '
+                        'than naming the feature.')
+      # First words first: a reader who stops at the status must not take this for a name.
+      out['message'] = out['message'].replace(
+          f'{IDENTIFIABLE.upper()}:', f'{IDENTIFIABLE.upper()}, WITH A CAUTION:', 1)
+      out['message'] += f' Caution: {out["caution"]}'
   return out
