@@ -33,7 +33,7 @@ class PrefixCaches(flax.struct.PyTreeNode):
   shared_k: jax.Array | None = None  # [layers, S, kv_heads, head_dim]
   shared_v: jax.Array | None = None
   # [examples] the yes/no margin each example gets from labels that carry no information about
-  # it (see ``calibration_margins``); None: margins are used as the model gives them.
+  # it (``engine.pool.contrast_baseline``); None: margins are used as the model gives them.
   baseline: jax.Array | None = None
 
   def answer_bias(self, bias: jax.Array, idx: jax.Array) -> jax.Array:
