@@ -175,10 +175,8 @@ def contrast_labels(config: ConfigDict, tokenizer, allowed: np.ndarray) -> list[
   each example's baseline: word-like tokens drawn apart from the random labels a verdict is
   scored against, so no label is ever compared with a baseline that contains it."""
   k = config.label.num_tokens
-  scored = scoring.random_label_tokens(allowed, tokenizer, config.eval.num_random * k,
-                                       config.seed)
   rest = allowed.copy()
-  rest[scored] = False
+  rest[scoring.verdict_random_tokens(config, allowed, tokenizer)] = False
   ids = scoring.random_label_tokens(rest, tokenizer, config.contrast.labels * k,
                                     config.seed + 1)
   return [ids[j:j + k] for j in range(0, len(ids) - k + 1, k)]

@@ -38,8 +38,7 @@ def baseline_labels(config: ConfigDict, tokenizer, pool: Pool, feature: int,
     else:
       ids, spelling = label_lib.reference_ids(tokenizer, pool.template.user, word)
       labels.append((ids[0] if len(ids) == 1 else ids, spelling, 'reference'))
-  randoms = scoring.random_label_tokens(pool.allowed, tokenizer, config.eval.num_random * k,
-                                        config.seed)
+  randoms = scoring.verdict_random_tokens(config, pool.allowed, tokenizer)
   for j in range(0, len(randoms) - k + 1, k):
     ids = randoms[j:j + k]
     labels.append((ids if k > 1 else ids[0], tokenizer.decode(ids), 'random'))

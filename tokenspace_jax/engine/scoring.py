@@ -245,6 +245,13 @@ def random_label_tokens(allowed: np.ndarray, tokenizer, count: int, seed: int) -
   return chosen
 
 
+def verdict_random_tokens(config, allowed: np.ndarray, tokenizer) -> list[int]:
+  """The ids of the ``eval.num_random`` random labels (``label.num_tokens`` ids each, in order)
+  a verdict scores: drawn in one place, so the contrast labels can be drawn apart from them."""
+  return random_label_tokens(allowed, tokenizer, config.eval.num_random * config.label.num_tokens,
+                             config.seed)
+
+
 def random_means(samples: np.ndarray, seed: int = 0) -> np.ndarray:
   """[resamples] the random labels' mean AUROC in each bootstrap replicate, the random labels
   themselves drawn again (with replacement) in every replicate.
