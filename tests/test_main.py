@@ -281,3 +281,24 @@ def test_main_runs_a_sweep_when_asked(tiny_folder, tmp_path):
                        cwd=ROOT, capture_output=True, timeout=600)
   assert bad.returncode == 1 and 'sweep.grid' in bad.stderr.decode()
   assert 'Traceback' not in bad.stderr.decode()
+
+
+def test_pool_keeps_each_features_mean_prior_and_drops_the_per_example_rows(tiny_lm, monkeypatch):
+  from tokenspace_jax.classifier import prefix
+  from tokenspace_jax.engine import pool as pool_lib
+  from tokenspace_jax.features import load_synthetic_feature as load_feature
+
+  built = []
+  real = prefix.prefix_caches
+  monkeypatch.setattr(prefix, 'prefix_caches', lambda *a, **k: built.append(real(*a, **k))
+                      or built[-1])
+  config = quick_config(**{'contrast.labels': 0})
+  features = [load_feature('animal'), load_feature('number')]
+  pool = pool_lib.build_pool(config, tiny_lm, features)
+  assert pool.caches.log_prior is None
+  per_example = np.asarray(built[0].log_prior)
+  for f in range(2):
+    slots = pool.slot_of[pool.split(f, train=True)]
+    np.testing.assert_allclose(pool.mean_log_priors[f], per_example[slots].mean(0), rtol=1e-5,
+                               atol=1e-6)
+  assert not np.allclose(pool.mean_log_priors[0], pool.mean_log_priors[1])

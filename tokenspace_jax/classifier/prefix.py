@@ -29,7 +29,10 @@ class PrefixCaches(flax.struct.PyTreeNode):
   k: jax.Array  # [layers, examples, W, kv_heads, head_dim]: own tokens
   v: jax.Array
   valid: jax.Array  # [examples, W]
-  log_prior: jax.Array  # [examples, V]: log q, the model's next-token distribution at the slot
+  # [examples, V]: log q, the model's next-token distribution at the slot. None once the pool has
+  # averaged it per feature (``engine.pool``): a step reads only the mean, and on a 152k
+  # vocabulary the per-example rows are a quarter of the caches' memory.
+  log_prior: jax.Array | None
   shared_k: jax.Array | None = None  # [layers, S, kv_heads, head_dim]
   shared_v: jax.Array | None = None
   # [examples] the yes/no margin each example gets from labels that carry no information about

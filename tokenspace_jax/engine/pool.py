@@ -153,6 +153,7 @@ def build_pool(config: ConfigDict, lm: LoadedModel, features: list[Feature],
   priors = jnp.stack([
       jnp.take(caches.log_prior, jnp.asarray(slot_of[np.flatnonzero((groups == f) & train)]),
                axis=0).mean(axis=0) for f in range(len(features))])
+  caches = caches.replace(log_prior=None)  # only the means are read from here on
   allowed = label_lib.allowed_mask(lm.tokenizer, lm.config.vocab_size, config.label.mask_special)
   tail_ids = np.asarray(enc.tail_ids)
   answer_ids = np.asarray([enc.yes_id, enc.no_id], np.int32)
