@@ -32,13 +32,13 @@ def _tiny(dtype=jnp.float32, seed=0, config=TINY):
 SHARED = np.array([11, 12, 13, 14], np.int32)  # instructions every prompt starts with
 
 
-def _prefixes(n=12, width=10, seed=0):
+def _prefixes(n=12, width=10, seed=0, max_pad=4):
   """Per-example prefix tokens after SHARED, left-padded to different lengths."""
   rng = np.random.default_rng(seed)
   ids = rng.integers(5, TINY.vocab_size, (n, width)).astype(np.int32)
   mask = np.ones((n, width), bool)
   for i in range(n):
-    mask[i, :rng.integers(0, 4)] = False
+    mask[i, :rng.integers(0, max_pad)] = False
   return ids, mask
 
 
@@ -81,11 +81,15 @@ def test_gradient_matches_finite_differences(full_vocab):
       np.testing.assert_allclose(analytic, numeric, rtol=1e-5, atol=1e-9)
 
 
-def test_cached_tail_equals_full_prompt():
-  """The answer from [cached prefix | label | tail] equals one uncached pass over all of it."""
+@pytest.mark.parametrize('width,max_pad,pad_to', [(10, 4, 16), (40, 36, 8)])
+def test_cached_tail_equals_full_prompt(width, max_pad, pad_to):
+  """The answer from [cached prefix | label | tail] equals one uncached pass over all of it,
+  also where prompts differ in length enough that chunks run narrower than the caches."""
   model, params = _tiny()
-  ids, mask = _prefixes(6)
-  caches = prefix.prefix_caches(model, params, SHARED, ids, mask, chunk=4)
+  ids, mask = _prefixes(6, width, max_pad=max_pad)
+  caches = prefix.prefix_caches(model, params, SHARED, ids, mask, chunk=4, pad_to=pad_to)
+  assert caches.k.shape[2] == width
+  np.testing.assert_array_equal(caches.valid, mask)
   rng = np.random.default_rng(0)
   p = jax.nn.softmax(jnp.asarray(rng.normal(size=(1, TINY.vocab_size)) * 3))
   emb = p @ params['embed']
