@@ -50,13 +50,26 @@ LANGUAGE_SHOTS = (("Il fait très beau aujourd'hui.", 'beau', 'French', True),
                   ('Wir gehen morgen ins Kino.', 'Kino', 'Spanish', False))
 
 
+# Worked examples of a language concept whose negatives are a close language, the same word in
+# both where the languages share it (as the chinese feature's Japanese hard negatives do): the
+# concept names that exact language, decided by the text, not by the script or the spelling.
+CLOSE_LANGUAGE_SHOTS = (('Het huis is groot en oud.', 'huis', 'Dutch', True),
+                        ('Das Haus ist groß und alt.', 'Haus', 'Dutch', False),
+                        ('Ela vive em Lisboa.', 'vive', 'Portuguese', True),
+                        ('Ella vive en Sevilla.', 'vive', 'Portuguese', False))
+
+
 def candidate_prompts() -> dict:
   from tokenspace_jax import config_defaults as d
 
   shots = tuple(dict(text=t, word=w, concept=c, answer=a)
                 for t, w, c, a in d.FEW_SHOT_EXAMPLES + LANGUAGE_SHOTS)
   matches = 'Decide whether the word, as used in the text, matches the concept.'
+  close = tuple(dict(text=t, word=w, concept=c, answer=a)
+                for t, w, c, a in d.FEW_SHOT_EXAMPLES + CLOSE_LANGUAGE_SHOTS)
   return {**d.PROMPTS,
+          'fewshot_close': dict(d.FEWSHOT_PROMPT, few_shot=close),
+          'fewshot_close_chat': dict(d.FEWSHOT_CHAT_PROMPT, few_shot=close),
           'fewshot_lang': dict(d.FEWSHOT_PROMPT, few_shot=shots),
           'fewshot_lang_chat': dict(d.FEWSHOT_CHAT_PROMPT, few_shot=shots),
           'fewshot_lang_match_chat': dict(d.FEWSHOT_CHAT_PROMPT, few_shot=shots, system=matches)}

@@ -156,8 +156,7 @@ class _ShardedWriter:
 
     def write(buffers, parts, rows):
       def put(buf, part, axis):
-        part = jnp.moveaxis(part.astype(buf.dtype), axis, 0)
-        return jnp.moveaxis(jnp.moveaxis(buf, axis, 0).at[rows].set(part), 0, axis)
+        return buf.at[(slice(None),) * axis + (rows,)].set(part.astype(buf.dtype))
       return tuple(put(b, p, a) for b, p, a in zip(buffers, parts, self._AXES, strict=True))
 
     self._write = jax.jit(write, donate_argnums=(0,), out_shardings=targets)
