@@ -50,8 +50,8 @@ def abstract_data(model: Llama, examples: int, prefix: int, batch: int, tail: in
   c = model.config
   s = jax.ShapeDtypeStruct
   kv = s((c.num_layers, examples, prefix, c.num_kv_heads, c.head_dim), model.dtype)
-  caches = PrefixCaches(k=kv, v=kv, valid=s((examples, prefix), jnp.bool_),
-                        log_prior=s((examples, c.vocab_size), jnp.float32))
+  # The per-example priors are averaged and dropped when the pool is built (engine.pool).
+  caches = PrefixCaches(k=kv, v=kv, valid=s((examples, prefix), jnp.bool_), log_prior=None)
   return descent.DescentData(
       params=abstract_params(model), caches=caches, targets=s((examples,), jnp.float32),
       schedule=s((steps, batch), jnp.int32), tail_ids=s((tail,), jnp.int32),
@@ -101,7 +101,6 @@ def row(model: Llama, data: descent.DescentData, data_size: int, model_size: int
          'weights': shard_bytes(data.params, sh.params),
          'caches': shard_bytes((data.caches.k, data.caches.v, data.caches.valid),
                                (sh.caches.k, sh.caches.v, sh.caches.valid)),
-         'priors': shard_bytes(data.caches.log_prior, sh.caches.log_prior),
          'other': shard_bytes((data.targets, data.schedule, data.tail_ids, data.answer_ids,
                                data.allowed, data.mean_log_prior),
                               (sh.targets, sh.schedule, sh.tail_ids, sh.answer_ids, sh.allowed,
@@ -131,7 +130,7 @@ def main():
   data = abstract_data(model, args.examples, args.prefix, args.batch, args.tail)
   print(f'Llama-3-8B bf16, {args.examples} examples x {args.prefix}-token prefixes, batch '
         f'{args.batch}, {args.tail} tail tokens; per device, GiB ({jax.device_count()} devices)')
-  cols = ['weights', 'caches', 'priors', 'other', 'label state', 'activations', 'total']
+  cols = ['weights', 'caches', 'other', 'label state', 'activations', 'total']
   print('| mesh (data x model) | ' + ' | '.join(cols) + ' | fits 16 GiB |')
   print('|' + '---|' * (len(cols) + 2))
   for spec in args.meshes.split(','):

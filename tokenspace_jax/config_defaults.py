@@ -133,13 +133,13 @@ def get_base_config() -> ConfigDict:
   c.loss.answer = 'full'  # the answer CE over the whole vocabulary (paper) or the two answers
   c.loss.w_label = 1.0  # weight of the answer cross-entropy
   c.loss.w_entropy = 0.1  # weight of the entropy of p (pushes p to one token), after warm-up
-  c.loss.entropy_warmup_steps = 100  # the entropy weight ramps linearly from 0 over these steps
+  c.loss.entropy_warmup_steps = 40  # the entropy weight ramps linearly from 0 over these steps
   c.loss.w_kl = 0.02  # weight of KL(p || the model's mean next-token distribution at the slot)
 
   # The Optax optimizer of the label logits.
   c.optim = ConfigDict()
   c.optim.name = 'adam'  # optimizer of the label logits
-  c.optim.lr = 0.1  # learning rate (the peak one under the cosine schedule)
+  c.optim.lr = 0.25  # learning rate (the peak one under the cosine schedule)
   c.optim.b1 = 0.9  # Adam's first-moment decay
   c.optim.b2 = 0.999  # Adam's second-moment decay
   c.optim.weight_decay = 0.0  # decoupled weight decay (adamw only)
@@ -158,7 +158,7 @@ def get_base_config() -> ConfigDict:
   # When descent stops before `steps`.
   c.early_stop = ConfigDict()
   c.early_stop.prob = 0.9  # stop once the top token's p stays above this ...
-  c.early_stop.patience = 25  # ... for this many steps (prob <= 0 disables)
+  c.early_stop.patience = 10  # ... for this many steps (prob <= 0 disables)
 
   # The device mesh (docs/scaling.md): examples and their prefix caches split along `data`, the
   # weights along `model` (tensor parallel). -1 takes the remaining devices.
@@ -261,7 +261,7 @@ def apply_arg(c: ConfigDict, arg: str | None) -> ConfigDict:
     elif a == 'two':
       c.label.num_tokens = 2
     elif a == 'sweep':
-      c.sweep.grid = 'optim.lr=0.05,0.1,0.2'
+      c.sweep.grid = 'optim.lr=0.1,0.25,0.5'
       c.sweep.restarts = 2
     elif a == 'ablation':
       c.sweep.grid = f'loss.w_entropy=0,{c.loss.w_entropy};loss.w_kl=0,{c.loss.w_kl}'
