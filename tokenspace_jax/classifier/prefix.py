@@ -61,19 +61,13 @@ class PrefixCaches(flax.struct.PyTreeNode):
 
 def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.ndarray,
                   prefix_mask: np.ndarray, chunk: int = 16, cache_dtype=None,
-                  out_shardings=None, pad_to: int = 16) -> PrefixCaches:
+                  out_shardings=None) -> PrefixCaches:
   """Caches and priors for all examples, computed in jitted chunks of a fixed size.
 
   The part every prompt shares (``shared_ids``: instructions, few-shot examples) is run once
   and copied into each chunk's cache; only each example's own tokens are computed per example.
   The result keeps the shared part once (``shared_k``) and each example's own, left-padded
   tokens (``k``).
-
-  Chunks are formed from examples of similar length (sorted by their number of own tokens) and
-  each runs only as wide as its longest example, rounded up to ``pad_to``: prompts of one
-  feature vary several-fold in length, and at the common width about half of every chunk was
-  padding. RoPE positions count real tokens only, so a narrower chunk computes the same caches;
-  they are written back, right-aligned, at the common width the step reads.
 
   Each chunk is written into preallocated buffers as soon as it is computed, so the caches are
   held once, never as chunks plus their concatenation. ``out_shardings`` (a function from the
@@ -96,35 +90,29 @@ def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.n
 
   @jax.jit
   def run(params, shared: KVCache, ids, mask):
-    batch, w = ids.shape
-    grow = lambda x: jnp.broadcast_to(x[:, :, :n_shared + w], (x.shape[0], batch, n_shared + w,
-                                                                *x.shape[3:]))
+    batch = ids.shape[0]
+    grow = lambda x: jnp.broadcast_to(x, (x.shape[0], batch, *x.shape[2:]))
     cache = KVCache(k=grow(shared.k), v=grow(shared.v),
-                    valid=jnp.broadcast_to(shared.valid[:, :n_shared + w], (batch, n_shared + w)),
-                    end=shared.end)
+                    valid=jnp.broadcast_to(shared.valid, (batch, capacity)), end=shared.end)
     hidden, cache = model.apply({'params': params}, ids, input_mask=mask, cache=cache,
                                 return_hidden=True)
     logits = model.apply({'params': params}, hidden[:, -1], method=Llama.logits)
-    # Back to the common width, right-aligned as the left-padded prompts are.
-    own = lambda x: jnp.pad(x[:, :, n_shared:], ((0, 0), (0, 0), (width - w, 0), (0, 0), (0, 0)))
-    valid = jnp.pad(cache.valid[:, n_shared:], ((0, 0), (width - w, 0)))
-    return own(cache.k), own(cache.v), valid, jax.nn.log_softmax(logits, axis=-1)
+    own = lambda x: x[:, :, n_shared:]
+    return (own(cache.k), own(cache.v), cache.valid[:, n_shared:],
+            jax.nn.log_softmax(logits, axis=-1))
 
   empty = KVCache.empty(model.config, 1, capacity, cache_dtype)
   shared = run_shared(params, jnp.asarray(shared_ids), empty) if n_shared else empty
   first = lambda x: x[:, 0, :n_shared] if n_shared else None
   shared_k, shared_v = first(shared.k), first(shared.v)
   writer = _ShardedWriter(n, shared_k, shared_v, out_shardings)
-  lengths = prefix_mask.sum(axis=1)
-  order = np.argsort(-lengths, kind='stable')  # longest first: the first chunk sizes the buffers
   for start in range(0, n, chunk):
-    rows = order[start:start + chunk]
-    real = len(rows)
-    if real < chunk:  # pad the last chunk so every call has one batch size
-      rows = np.concatenate([rows, np.repeat(rows[-1:], chunk - real)])
-    w = min(width, max(pad_to, -(-int(lengths[rows].max()) // pad_to) * pad_to))
-    ids, mask = prefix_ids[rows, width - w:], prefix_mask[rows, width - w:]
-    writer.write(rows[:real], run(params, shared, ids, mask))
+    ids, mask = prefix_ids[start:start + chunk], prefix_mask[start:start + chunk]
+    real = ids.shape[0]
+    if real < chunk:  # pad the last chunk so every call has one shape
+      ids = np.concatenate([ids, np.repeat(ids[-1:], chunk - real, 0)])
+      mask = np.concatenate([mask, np.repeat(mask[-1:], chunk - real, 0)])
+    writer.write(start, real, run(params, shared, ids, mask))
   return writer.result()
 
 
@@ -154,21 +142,19 @@ class _ShardedWriter:
     self.buffers = jax.jit(lambda: tuple(jnp.zeros(x.shape, x.dtype) for x in own(abstract)),
                            out_shardings=targets)()
 
-    def write(buffers, parts, rows):
+    def write(buffers, parts, start):
       def put(buf, part, axis):
-        return buf.at[(slice(None),) * axis + (rows,)].set(part.astype(buf.dtype))
+        return jax.lax.dynamic_update_slice_in_dim(buf, part.astype(buf.dtype), start, axis)
       return tuple(put(b, p, a) for b, p, a in zip(buffers, parts, self._AXES, strict=True))
 
     self._write = jax.jit(write, donate_argnums=(0,), out_shardings=targets)
 
-  def write(self, rows: np.ndarray, parts):
-    """Writes the first ``len(rows)`` examples of a chunk's ``parts`` to examples ``rows``."""
+  def write(self, start: int, real: int, parts):
     if self.buffers is None:
       self._allocate(parts)
-    real = len(rows)
-    if real < parts[2].shape[0]:  # the padded last chunk: pad its rows with a repeated index
-      rows = np.concatenate([rows, np.repeat(rows[-1:], parts[2].shape[0] - real)])
-    self.buffers = self._write(self.buffers, parts, jnp.asarray(rows, jnp.int32))
+    parts = tuple(jax.lax.slice_in_dim(x, 0, real, axis=a)
+                  for x, a in zip(parts, self._AXES, strict=True))
+    self.buffers = self._write(self.buffers, parts, jnp.asarray(start, jnp.int32))
 
   def result(self) -> PrefixCaches:
     k, v, valid, prior = self.buffers
