@@ -31,7 +31,7 @@ class PrefixCaches(flax.struct.PyTreeNode):
   valid: jax.Array  # [examples, W]
   # [examples, V]: log q, the model's next-token distribution at the slot. None once the pool has
   # averaged it per feature (``engine.pool``): a step reads only the mean, and on a 152k
-  # vocabulary the per-example rows are a quarter of the caches' memory.
+  # vocabulary the per-example rows are a large share of the pool (docs/performance.md).
   log_prior: jax.Array | None
   shared_k: jax.Array | None = None  # [layers, S, kv_heads, head_dim]
   shared_v: jax.Array | None = None

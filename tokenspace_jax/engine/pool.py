@@ -208,7 +208,8 @@ def _check_context(lm: LoadedModel, enc: prompts.EncodedPrompts, label_tokens: i
 
 def cache_bytes(lm: LoadedModel, enc: prompts.EncodedPrompts, slots: int) -> int:
   """Bytes the prefix caches of ``slots`` examples take: keys and values of their own tokens,
-  their slot priors (one vocabulary row each) and the validity mask."""
+  their slot priors (one vocabulary row each, held until the pool has averaged them) and the
+  validity mask."""
   c = lm.config
   width = enc.prefix_ids.shape[1]
   itemsize = jnp.dtype(lm.model.dtype).itemsize
