@@ -62,11 +62,10 @@ CLOSE_LANGUAGE_SHOTS = (('Het huis is groot en oud.', 'huis', 'Dutch', True),
 def candidate_prompts() -> dict:
   from tokenspace_jax import config_defaults as d
 
-  shots = tuple(dict(text=t, word=w, concept=c, answer=a)
-                for t, w, c, a in d.FEW_SHOT_EXAMPLES + LANGUAGE_SHOTS)
+  with_shots = lambda extra: tuple(dict(text=t, word=w, concept=c, answer=a)
+                                   for t, w, c, a in d.FEW_SHOT_EXAMPLES + extra)
+  shots, close = with_shots(LANGUAGE_SHOTS), with_shots(CLOSE_LANGUAGE_SHOTS)
   matches = 'Decide whether the word, as used in the text, matches the concept.'
-  close = tuple(dict(text=t, word=w, concept=c, answer=a)
-                for t, w, c, a in d.FEW_SHOT_EXAMPLES + CLOSE_LANGUAGE_SHOTS)
   return {**d.PROMPTS,
           'fewshot_close': dict(d.FEWSHOT_PROMPT, few_shot=close),
           'fewshot_close_chat': dict(d.FEWSHOT_CHAT_PROMPT, few_shot=close),

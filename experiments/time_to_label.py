@@ -68,10 +68,10 @@ def main():
                                                     os.path.join(root, f'{name}-{r}'))}
         runs.append(row)
         print(json.dumps(row), flush=True)
+        with open(args.out, 'w') as f:  # after every run: a later failure keeps what finished
+          json.dump({'config': args.config, 'arg': args.arg, 'runs': runs}, f, indent=1)
   finally:
     shutil.rmtree(root, ignore_errors=True)
-  with open(args.out, 'w') as f:
-    json.dump({'config': args.config, 'arg': args.arg, 'runs': runs}, f, indent=1)
   cell = lambda v: '-' if v is None else f'{v:.1f}'
   print(f'\n{args.config}{":" + args.arg if args.arg else ""}, seconds')
   print('| code | round | start to label | ' + ' | '.join(PHASES)
