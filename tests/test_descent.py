@@ -305,6 +305,12 @@ def test_contrast_baseline_is_subtracted_from_every_answer():
   labels = [[20], [31], [40, 41]]
   np.testing.assert_allclose(scorer.margins(labels, slots),
                              raw.margins(labels, slots) - np.asarray(beta)[None], atol=1e-5)
+  # Rows per pass (eval.batch_size) only chunk the work: 36 rows in passes of 5 or 64, the last
+  # one padded, give the same margins.
+  for per_pass in (5, 64):
+    other = scoring.LabelScorer(model, params, contrasted, tail, answers, False, rows=per_pass)
+    np.testing.assert_allclose(other.margins(labels, slots), scorer.margins(labels, slots),
+                               atol=1e-5)
   # The binary loss: CE of sigmoid(raw margin + b - β_i), for a soft label and a learned b.
   objective = Objective(model, LossWeights(), full_vocab_answer=False)
   label = {'logits': jnp.asarray(np.random.default_rng(2).normal(size=(1, TINY.vocab_size))),

@@ -195,7 +195,8 @@ def get_base_config() -> ConfigDict:
   c.eval = ConfigDict()
   c.eval.num_random = 10  # random word-like tokens scored as a baseline (their spread counts)
   c.eval.calibration_examples = 64  # training examples each label's threshold is fitted on
-  c.eval.batch_size = 32  # rows per forward pass of the prefix caching and of scoring
+  c.eval.batch_size = 128  # label × example rows per forward pass of scoring (and contrast)
+  c.eval.prefix_batch_size = 32  # examples per forward pass of the prefix caching
   c.eval.bootstrap = 1000  # bootstrap resamples of the held-out split for the intervals
   c.eval.confidence = 0.95  # coverage of the reported intervals
   return c
@@ -352,6 +353,7 @@ def validate(config: ConfigDict, builtin_features=()):
   positive = lambda v: v > 0
   non_negative = lambda v: v >= 0
   for key in ('steps', 'checkpoint_every', 'optim.lr', 'data.batch_size', 'eval.batch_size',
+              'eval.prefix_batch_size',
               'label.temperature', 'feature.max_train', 'feature.max_heldout',
               'early_stop.patience', 'sweep.restarts', 'search.candidates', 'feature.window'):
     need(key, positive, 'must be positive')

@@ -138,7 +138,7 @@ def build_pool(config: ConfigDict, lm: LoadedModel, features: list[Feature],
   _check_memory(lm, enc, layout.slots, shards, config)
   placement = ((lambda abstract: sharding.cache_shardings(abstract, mesh)) if on_mesh else None)
   caches = prefix.prefix_caches(lm.model, lm.params, enc.shared_ids, enc.prefix_ids,
-                                enc.prefix_mask, chunk=config.eval.batch_size,
+                                enc.prefix_mask, chunk=config.eval.prefix_batch_size,
                                 out_shardings=placement)
   fraction = config.data.positive_fraction if config.data.sampling == 'balanced' else None
   try:
