@@ -87,8 +87,9 @@ def config_for(feature: str, arg: str = '', **changes):
 
 
 def identifiability(lm, model: str, prompt: str, feature: str, randoms: int, train: int,
-                    resamples: int = 1000, arg: str = '') -> dict:
-  """Training-split AUROCs of the reference, other words and random tokens, with intervals."""
+                    resamples: int = 1000, arg: str = '', words: tuple = ()) -> dict:
+  """Training-split AUROCs of the reference, other words (OTHER_WORDS, then ``words``) and
+  random tokens, with intervals."""
   from ml_collections import ConfigDict
 
   from tokenspace_jax.classifier import label as label_lib
@@ -103,7 +104,7 @@ def identifiability(lm, model: str, prompt: str, feature: str, randoms: int, tra
   pool = build_pool(config, lm, [f])
   tok = lm.tokenizer
   named = [(w, 'reference' if i == 0 else 'other')
-           for i, w in enumerate((f.reference_word, *OTHER_WORDS[feature]))]
+           for i, w in enumerate((f.reference_word, *OTHER_WORDS[feature], *words))]
   labels = []
   for word, role in named:
     ids, spelling = label_lib.reference_ids(tok, pool.template.user, word)
@@ -146,7 +147,7 @@ def run_identifiability(args):
         if os.path.exists(path):
           continue
         result = identifiability(lm, model, prompt, feature, args.random, args.train,
-                                 arg=args.arg)
+                                 arg=args.arg, words=tuple(w for w in args.words.split(',') if w))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, 'w') as f:
           json.dump(result, f, indent=1, ensure_ascii=False)
@@ -242,6 +243,8 @@ def main():
   parser.add_argument('--features', default=','.join(FEATURES))
   parser.add_argument('--random', type=int, default=8)
   parser.add_argument('--train', type=int, default=128, help='training examples scored')
+  parser.add_argument('--words', default='',
+                      help='more words scored beside the reference (comma-separated)')
   parser.add_argument('--arg', default='', help='config arguments for descent (e.g. quick)')
   parser.add_argument('--tag', default='', help='suffix of the descent workdir')
   parser.add_argument('--out', default=os.path.join(ROOT, 'workdirs', 'study'))

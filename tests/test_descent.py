@@ -90,6 +90,16 @@ def test_cached_tail_equals_full_prompt(width, max_pad):
   caches = prefix.prefix_caches(model, params, SHARED, ids, mask, chunk=4)
   assert caches.k.shape[2] == width
   np.testing.assert_array_equal(caches.valid, mask)
+  # Chunks run as wide as their longest prompt (rounded up to pad_to): every width computes
+  # the same caches as the common one, each example written back to its own row.
+  for pad_to in (1, width):
+    other = prefix.prefix_caches(model, params, SHARED, ids, mask, chunk=4, pad_to=pad_to)
+    np.testing.assert_array_equal(other.valid, mask)
+    for got, want in ((other.k, caches.k), (other.v, caches.v)):
+      # The tiny random model's keys reach ~100: float32 rounding, relative to that scale.
+      np.testing.assert_allclose(np.asarray(got)[:, mask], np.asarray(want)[:, mask], rtol=1e-4,
+                                 atol=1e-5 * float(np.abs(want).max()))
+    np.testing.assert_allclose(other.log_prior, caches.log_prior, rtol=1e-4, atol=1e-4)
   rng = np.random.default_rng(0)
   p = jax.nn.softmax(jnp.asarray(rng.normal(size=(1, TINY.vocab_size)) * 3))
   emb = p @ params['embed']

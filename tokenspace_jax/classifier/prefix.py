@@ -61,13 +61,20 @@ class PrefixCaches(flax.struct.PyTreeNode):
 
 def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.ndarray,
                   prefix_mask: np.ndarray, chunk: int = 16, cache_dtype=None,
-                  out_shardings=None) -> PrefixCaches:
+                  out_shardings=None, pad_to: int = 16) -> PrefixCaches:
   """Caches and priors for all examples, computed in jitted chunks of a fixed size.
 
   The part every prompt shares (``shared_ids``: instructions, few-shot examples) is run once
   and copied into each chunk's cache; only each example's own tokens are computed per example.
   The result keeps the shared part once (``shared_k``) and each example's own, left-padded
   tokens (``k``).
+
+  Chunks are made of examples of similar length (sorted by their number of own tokens), and each
+  runs only as wide as its longest example, rounded up to ``pad_to`` so that a feature compiles
+  a few widths, not one per length: one feature's prompts vary in length (on ``animal`` most have
+  23-28 own tokens, the longest 42), and at the common width half of each chunk was padding.
+  RoPE positions count real tokens only, so a narrower chunk computes the same caches; they are
+  written back, right-aligned, at the common width the step reads, each example to its own row.
 
   Each chunk is written into preallocated buffers as soon as it is computed, so the caches are
   held once, never as chunks plus their concatenation. ``out_shardings`` (a function from the
@@ -90,29 +97,34 @@ def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.n
 
   @jax.jit
   def run(params, shared: KVCache, ids, mask):
-    batch = ids.shape[0]
-    grow = lambda x: jnp.broadcast_to(x, (x.shape[0], batch, *x.shape[2:]))
-    cache = KVCache(k=grow(shared.k), v=grow(shared.v),
-                    valid=jnp.broadcast_to(shared.valid, (batch, capacity)), end=shared.end)
+    batch, w = ids.shape  # w: this chunk's width, at most the common one
+    grow = lambda x: jnp.broadcast_to(x[:, :, :n_shared + w],
+                                      (x.shape[0], batch, n_shared + w, *x.shape[3:]))
+    cache = KVCache(k=grow(shared.k), v=grow(shared.v), end=shared.end,
+                    valid=jnp.broadcast_to(shared.valid[:, :n_shared + w], (batch, n_shared + w)))
     hidden, cache = model.apply({'params': params}, ids, input_mask=mask, cache=cache,
                                 return_hidden=True)
     logits = model.apply({'params': params}, hidden[:, -1], method=Llama.logits)
-    own = lambda x: x[:, :, n_shared:]
-    return (own(cache.k), own(cache.v), cache.valid[:, n_shared:],
-            jax.nn.log_softmax(logits, axis=-1))
+    # Back to the common width, right-aligned as the left-padded prompts are.
+    own = lambda x: jnp.pad(x[:, :, n_shared:], ((0, 0), (0, 0), (width - w, 0), (0, 0), (0, 0)))
+    valid = jnp.pad(cache.valid[:, n_shared:], ((0, 0), (width - w, 0)))
+    return own(cache.k), own(cache.v), valid, jax.nn.log_softmax(logits, axis=-1)
 
   empty = KVCache.empty(model.config, 1, capacity, cache_dtype)
   shared = run_shared(params, jnp.asarray(shared_ids), empty) if n_shared else empty
   first = lambda x: x[:, 0, :n_shared] if n_shared else None
   shared_k, shared_v = first(shared.k), first(shared.v)
   writer = _ShardedWriter(n, shared_k, shared_v, out_shardings)
+  lengths = np.asarray(prefix_mask).sum(axis=1)
+  order = np.argsort(-lengths, kind='stable')
   for start in range(0, n, chunk):
-    ids, mask = prefix_ids[start:start + chunk], prefix_mask[start:start + chunk]
-    real = ids.shape[0]
-    if real < chunk:  # pad the last chunk so every call has one shape
-      ids = np.concatenate([ids, np.repeat(ids[-1:], chunk - real, 0)])
-      mask = np.concatenate([mask, np.repeat(mask[-1:], chunk - real, 0)])
-    writer.write(start, real, run(params, shared, ids, mask))
+    rows = order[start:start + chunk]
+    real = len(rows)
+    if real < chunk:  # pad the last chunk with a repeated example: one batch size for all calls
+      rows = np.concatenate([rows, np.repeat(rows[-1:], chunk - real)])
+    w = min(width, max(pad_to, -(-int(lengths[rows].max()) // pad_to) * pad_to))
+    ids, mask = prefix_ids[rows, width - w:], prefix_mask[rows, width - w:]
+    writer.write(rows, run(params, shared, ids, mask))
   return writer.result()
 
 
@@ -142,19 +154,21 @@ class _ShardedWriter:
     self.buffers = jax.jit(lambda: tuple(jnp.zeros(x.shape, x.dtype) for x in own(abstract)),
                            out_shardings=targets)()
 
-    def write(buffers, parts, start):
+    def write(buffers, parts, rows):
+      # A scatter along the example axis of the donated buffers, in place. A padded chunk's
+      # repeated rows write the same values twice.
       def put(buf, part, axis):
-        return jax.lax.dynamic_update_slice_in_dim(buf, part.astype(buf.dtype), start, axis)
+        index = (slice(None),) * axis + (rows,)
+        return buf.at[index].set(part.astype(buf.dtype), mode='promise_in_bounds')
       return tuple(put(b, p, a) for b, p, a in zip(buffers, parts, self._AXES, strict=True))
 
     self._write = jax.jit(write, donate_argnums=(0,), out_shardings=targets)
 
-  def write(self, start: int, real: int, parts):
+  def write(self, rows: np.ndarray, parts):
+    """Writes a chunk's ``parts`` (one row per entry of ``rows``) to examples ``rows``."""
     if self.buffers is None:
       self._allocate(parts)
-    parts = tuple(jax.lax.slice_in_dim(x, 0, real, axis=a)
-                  for x, a in zip(parts, self._AXES, strict=True))
-    self.buffers = self._write(self.buffers, parts, jnp.asarray(start, jnp.int32))
+    self.buffers = self._write(self.buffers, parts, jnp.asarray(rows, jnp.int32))
 
   def result(self) -> PrefixCaches:
     k, v, valid, prior = self.buffers
