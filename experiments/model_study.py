@@ -1,7 +1,7 @@
 """Which model and prompt can label the four built-in features: identifiability, then descent.
 
     python experiments/model_study.py identifiability [--models M,M] [--prompts P,P] \\
-        [--features F,F] [--arg contrast.labels=0] [--out workdirs/study]
+        [--features F,F] [--words W,W] [--arg contrast.labels=0] [--out workdirs/study]
     python experiments/model_study.py descent --models M --features F [--arg quick,...]
     python experiments/model_study.py table [--out workdirs/study]
 
