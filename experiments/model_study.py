@@ -139,6 +139,7 @@ def run_identifiability(args):
   from tokenspace_jax.models import load_model
 
   logging.basicConfig(level=logging.WARNING)
+  words = tuple(w for w in args.words.split(',') if w)
   for model in args.models.split(','):
     lm = load_model(model)
     for prompt in args.prompts.split(','):
@@ -147,7 +148,7 @@ def run_identifiability(args):
         if os.path.exists(path):
           continue
         result = identifiability(lm, model, prompt, feature, args.random, args.train,
-                                 arg=args.arg, words=tuple(w for w in args.words.split(',') if w))
+                                 arg=args.arg, words=words)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, 'w') as f:
           json.dump(result, f, indent=1, ensure_ascii=False)

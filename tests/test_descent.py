@@ -315,8 +315,8 @@ def test_contrast_baseline_is_subtracted_from_every_answer():
   labels = [[20], [31], [40, 41]]
   np.testing.assert_allclose(scorer.margins(labels, slots),
                              raw.margins(labels, slots) - np.asarray(beta)[None], atol=1e-5)
-  # Rows per pass (eval.batch_size) only chunk the work: 36 rows in passes of 5 or 64, the last
-  # one padded, give the same margins.
+  # Rows per pass (eval.batch_size) only chunk the work: the 24 one-token and 12 two-token label
+  # rows in passes of 5 or 64, the last one padded, give the same margins.
   for per_pass in (5, 64):
     other = scoring.LabelScorer(model, params, contrasted, tail, answers, False, rows=per_pass)
     np.testing.assert_allclose(other.margins(labels, slots), scorer.margins(labels, slots),

@@ -71,8 +71,8 @@ def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.n
 
   Chunks are made of examples of similar length (sorted by their number of own tokens), and each
   runs only as wide as its longest example, rounded up to ``pad_to`` so that a feature compiles
-  a few widths, not one per length: one feature's prompts vary in length (on ``animal`` most have
-  23-28 own tokens, the longest 42), and at the common width half of each chunk was padding.
+  a few widths, not one per length: one feature's prompts vary in length, and at the common width
+  (the longest prompt's) much of each chunk would be padding (docs/results.md, "Time").
   RoPE positions count real tokens only, so a narrower chunk computes the same caches; they are
   written back, right-aligned, at the common width the step reads, each example to its own row.
 
@@ -119,9 +119,8 @@ def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.n
   order = np.argsort(-lengths, kind='stable')
   for start in range(0, n, chunk):
     rows = order[start:start + chunk]
-    real = len(rows)
-    if real < chunk:  # pad the last chunk with a repeated example: one batch size for all calls
-      rows = np.concatenate([rows, np.repeat(rows[-1:], chunk - real)])
+    if len(rows) < chunk:  # pad the last chunk with a repeated example: one batch size for all
+      rows = np.concatenate([rows, np.repeat(rows[-1:], chunk - len(rows))])
     w = min(width, max(pad_to, -(-int(lengths[rows].max()) // pad_to) * pad_to))
     ids, mask = prefix_ids[rows, width - w:], prefix_mask[rows, width - w:]
     writer.write(rows, run(params, shared, ids, mask))
