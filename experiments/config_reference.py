@@ -83,6 +83,10 @@ CHOICE_NOTES = {
     ('model.param_dtype', 'float32'): 'weights in float32 (with bfloat16 activations: exact '
                                       'weights, half-precision arithmetic)',
     ('model.param_dtype', 'bfloat16'): 'weights in bfloat16',
+    ('model.cache_dtype', ''): 'the prefix caches kept in `model.dtype`',
+    ('model.cache_dtype', 'float32'): 'prefix caches in float32',
+    ('model.cache_dtype', 'bfloat16'): 'prefix caches in bfloat16: half their memory under '
+                                       'float32 activations, which still compute them',
 }
 
 

@@ -10,7 +10,8 @@
 the feature's reference word, a few other plausible words, and ``--random`` random word-like
 tokens. The figure to optimise is the reference AUROC minus the random mean, with its paired
 bootstrap interval: a classifier whose answer does not depend on the label cannot be labeled
-through, whatever the descent does.
+through, whatever the descent does. Each label's AUROC is also kept against the hard negatives
+alone and against the ordinary ones alone (``auroc_against``): which negatives it loses to.
 
 ``descent`` runs ``tokenspace_jax.main`` on ``configs/<feature>.py`` with the model and prompt
 given, into ``OUT/<model>/<prompt>/<feature>``, and ``table`` prints both tables for
@@ -41,15 +42,6 @@ OTHER_WORDS = {'chinese': ('中文', 'Chinese language', 'Japanese'),
                'number': ('numeral', 'digit')}
 
 
-# Candidate prompts beside config_defaults.PROMPTS: the few-shot examples with worked examples of
-# a language concept added (a word written in French, or not), since "is an instance of the
-# concept" reads oddly for a feature that fires on the words of a language.
-LANGUAGE_SHOTS = (("Il fait très beau aujourd'hui.", 'beau', 'French', True),
-                  ('She whispered merci before leaving.', 'merci', 'French', True),
-                  ('She whispered merci before leaving.', 'leaving', 'French', False),
-                  ('Wir gehen morgen ins Kino.', 'Kino', 'Spanish', False))
-
-
 # Worked examples of a language concept whose negatives are a close language, the same word in
 # both where the languages share it (as the chinese feature's Japanese hard negatives do): the
 # concept names that exact language, decided by the text, not by the script or the spelling.
@@ -64,7 +56,10 @@ def candidate_prompts() -> dict:
 
   with_shots = lambda extra: tuple(dict(text=t, word=w, concept=c, answer=a)
                                    for t, w, c, a in d.FEW_SHOT_EXAMPLES + extra)
-  shots, close = with_shots(LANGUAGE_SHOTS), with_shots(CLOSE_LANGUAGE_SHOTS)
+  # The few-shot prompt with worked examples of a language concept added (a word written in
+  # French, or not), since "is an instance of the concept" reads oddly for a feature that fires
+  # on the words of a language.
+  shots, close = with_shots(d.LANGUAGE_EXAMPLES), with_shots(CLOSE_LANGUAGE_SHOTS)
   matches = 'Decide whether the word, as used in the text, matches the concept.'
   return {**d.PROMPTS,
           'fewshot_close': dict(d.FEWSHOT_PROMPT, few_shot=close),
@@ -121,13 +116,23 @@ def identifiability(lm, model: str, prompt: str, feature: str, randoms: int, tra
   samples = scoring.bootstrap_aurocs(margins, targets, resamples, seed=0)
   random = [i for i, x in enumerate(labels) if x[2] == 'random']
   dependence = samples[0] - scoring.random_means(samples[random])
+  # Against each kind of negative alone: where a label's AUROC is won or lost.
+  hard = np.array([pool.examples[i].hard_negative for i in idx])
+  against = {kind: (targets == 1) | ((targets == 0) & (hard == is_hard))
+             for kind, is_hard in (('hard', True), ('ordinary', False))}
+  versus = lambda m: {kind: (float(scoring.auroc(m[sel], targets[sel]))
+                             if (sel & (targets == 0)).any() else None)
+                      for kind, sel in against.items()}
   return {'model': model, 'prompt': prompt, 'feature': feature,
           'contrast_labels': int(config.contrast.labels), 'examples': int(len(idx)),
           'positives': int(targets.sum()),
           'labels': [{'token': s, 'token_ids': [int(t) for t in ids], 'role': role,
-                      'auroc': float(a), 'interval': scoring.interval(samples[i], 0.95)}
+                      'auroc': float(a), 'interval': scoring.interval(samples[i], 0.95),
+                      'auroc_against': versus(margins[i])}
                      for i, ((ids, s, role), a) in enumerate(zip(labels, aurocs, strict=True))],
           'random_mean': float(aurocs[random].mean()),
+          'random_mean_against': {k: float(np.mean([versus(margins[i])[k] or np.nan
+                                                    for i in random])) for k in against},
           'identifiability': float(aurocs[0] - aurocs[random].mean()),
           'interval': scoring.interval(dependence, 0.95),
           'seconds': time.perf_counter() - start}

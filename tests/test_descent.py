@@ -126,6 +126,31 @@ def test_cached_tail_equals_full_prompt(width, max_pad):
   np.testing.assert_allclose(caches.log_prior, jax.nn.log_softmax(logits[:, -1]), atol=1e-5)
 
 
+def test_bfloat16_caches_are_the_float32_caches_rounded():
+  """``model.cache_dtype=bfloat16`` keeps the float32 computation and rounds only what is stored:
+  the keys and values are the float32 ones cast once, and the answers read from them move by
+  bfloat16's relative precision, not more."""
+  model, params = _tiny()
+  ids, mask = _prefixes(6, 10)
+  f32 = prefix.prefix_caches(model, params, SHARED, ids, mask, chunk=4)
+  bf16 = prefix.prefix_caches(model, params, SHARED, ids, mask, chunk=4,
+                              cache_dtype=jnp.bfloat16)
+  assert bf16.k.dtype == bf16.v.dtype == bf16.shared_k.dtype == jnp.bfloat16
+  assert f32.k.dtype == jnp.float32
+  for got, want in ((bf16.k, f32.k), (bf16.v, f32.v), (bf16.shared_k, f32.shared_k)):
+    np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                  np.asarray(want.astype(jnp.bfloat16), np.float32))
+  np.testing.assert_allclose(bf16.log_prior, f32.log_prior, atol=1e-5)  # computed before storing
+  emb = jax.nn.softmax(jnp.linspace(-2, 2, TINY.vocab_size))[None] @ params['embed']
+  args = (emb, jnp.asarray([7, 8, 9], jnp.int32), jnp.asarray([YES, NO], jnp.int32),
+          jnp.asarray(0.0), False)
+  want = prefix.answer_log_probs(model, params, f32.take(jnp.arange(6)), *args)
+  got = prefix.answer_log_probs(model, params, bf16.take(jnp.arange(6)), *args)
+  assert got.dtype == jnp.float32
+  spread = float(jnp.abs(want[:, 0] - want[:, 1]).max())
+  assert 0 < float(jnp.abs(got - want).max()) < 0.05 * spread
+
+
 def test_planted_label_is_found():
   """A feature planted on one token: the token whose effect on the answer varies most across
   examples (beyond what every label does) defines the targets, so it alone separates them (the

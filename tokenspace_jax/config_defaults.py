@@ -60,8 +60,28 @@ FEWSHOT_PROMPT = dict(
 # example a user turn and an assistant answer "Match: Yes" / "Match: No".
 FEWSHOT_CHAT_PROMPT = dict(FEWSHOT_PROMPT, chat=True, assistant_prefix='Match:')
 
+# Worked examples of a language concept, so a label naming a language reads as a question about
+# the word's language (as the chinese feature asks), not only about categories.
+LANGUAGE_EXAMPLES = (("Il fait très beau aujourd'hui.", 'beau', 'French', True),
+                     ('She whispered merci before leaving.', 'merci', 'French', True),
+                     ('She whispered merci before leaving.', 'leaving', 'French', False),
+                     ('Wir gehen morgen ins Kino.', 'Kino', 'Spanish', False))
+
+# A question about the word in its text, as chat turns: "is the word described by the concept
+# X?", with worked examples of categories and of languages. Qwen2.5-Coder-1.5B's answer to it
+# depends on a language label far more than to the few-shot prompt's "instance of the concept"
+# (docs/results.md, "Identifiability").
+QUESTION_CHAT_PROMPT = dict(
+    FEWSHOT_CHAT_PROMPT,
+    system='Answer Yes or No.',
+    user='Text: {text}\nIn this text, is the word "{word}" described by the concept {concept}?',
+    assistant_prefix='Answer:',
+    few_shot=tuple(dict(text=t, word=w, concept=c, answer=a)
+                   for t, w, c, a in FEW_SHOT_EXAMPLES + LANGUAGE_EXAMPLES),
+)
+
 PROMPTS = {'fewshot': FEWSHOT_PROMPT, 'fewshot_chat': FEWSHOT_CHAT_PROMPT,
-           'rating': RATING_PROMPT}
+           'rating': RATING_PROMPT, 'question_chat': QUESTION_CHAT_PROMPT}
 
 # Keys whose values are checked against a list; each list is spelled here only.
 CHOICES = {
@@ -73,6 +93,7 @@ CHOICES = {
     'feature.negatives': ('hard', 'natural', 'easy'),
     'model.dtype': ('float32', 'bfloat16'),
     'model.param_dtype': ('', 'float32', 'bfloat16'),
+    'model.cache_dtype': ('', 'float32', 'bfloat16'),
 }
 
 # Config keys (or whole sections) that may differ between a run and its resumption: they change
@@ -99,6 +120,9 @@ def get_base_config() -> ConfigDict:
   c.model.source = 'default'  # HF folder, .gguf file, or a named offline model (docs/models.md)
   c.model.dtype = 'float32'  # activation dtype; bfloat16 halves memory (use it for 8B models)
   c.model.param_dtype = ''  # dtype the weights are stored in ('' = the same as model.dtype)
+  # dtype the prompt prefixes' keys and values are kept in ('' = model.dtype); bfloat16 halves
+  # the pool's largest memory at float32 activations (its effect on labels: docs/results.md)
+  c.model.cache_dtype = ''
 
   # The feature to label: a built-in one or an activation-records file, and how its examples
   # are split and capped.

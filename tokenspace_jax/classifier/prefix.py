@@ -81,7 +81,9 @@ def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.n
   result's ``jax.ShapeDtypeStruct``s to a matching tree of shardings) places those buffers on a
   device mesh, so no device ever holds more than its share of the caches (Llama-3-8B's caches
   of a few hundred examples exceed one accelerator's memory); by default they are on the
-  default device.
+  default device. ``cache_dtype`` is what the kept keys and values are stored in (default: the
+  activation dtype): they are computed in the activation dtype and cast once, so bfloat16
+  caches under float32 activations take half the memory and each step reads them widened.
   """
   n, width = prefix_ids.shape
   n_shared = len(shared_ids)
@@ -108,11 +110,13 @@ def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.n
     # Back to the common width, right-aligned as the left-padded prompts are.
     own = lambda x: jnp.pad(x[:, :, n_shared:], ((0, 0), (0, 0), (width - w, 0), (0, 0), (0, 0)))
     valid = jnp.pad(cache.valid[:, n_shared:], ((0, 0), (width - w, 0)))
-    return own(cache.k), own(cache.v), valid, jax.nn.log_softmax(logits, axis=-1)
+    store = lambda x: own(x).astype(cache_dtype)
+    return store(cache.k), store(cache.v), valid, jax.nn.log_softmax(logits, axis=-1)
 
-  empty = KVCache.empty(model.config, 1, capacity, cache_dtype)
+  # Computed in the activation dtype throughout; only what is kept is cast to ``cache_dtype``.
+  empty = KVCache.empty(model.config, 1, capacity, model.dtype)
   shared = run_shared(params, jnp.asarray(shared_ids), empty) if n_shared else empty
-  first = lambda x: x[:, 0, :n_shared] if n_shared else None
+  first = lambda x: x[:, 0, :n_shared].astype(cache_dtype) if n_shared else None
   shared_k, shared_v = first(shared.k), first(shared.v)
   writer = _ShardedWriter(n, shared_k, shared_v, out_shardings)
   lengths = np.asarray(prefix_mask).sum(axis=1)

@@ -139,7 +139,7 @@ def build_pool(config: ConfigDict, lm: LoadedModel, features: list[Feature],
   placement = ((lambda abstract: sharding.cache_shardings(abstract, mesh)) if on_mesh else None)
   caches = prefix.prefix_caches(lm.model, lm.params, enc.shared_ids, enc.prefix_ids,
                                 enc.prefix_mask, chunk=config.eval.prefix_batch_size,
-                                out_shardings=placement)
+                                cache_dtype=cache_dtype(config, lm), out_shardings=placement)
   fraction = config.data.positive_fraction if config.data.sampling == 'balanced' else None
   try:
     schedules = np.stack([
@@ -206,13 +206,20 @@ def _check_context(lm: LoadedModel, enc: prompts.EncodedPrompts, label_tokens: i
                        f'{limit}. Shorten the texts (feature.window) or the few-shot prompt.')
 
 
-def cache_bytes(lm: LoadedModel, enc: prompts.EncodedPrompts, slots: int) -> int:
+def cache_dtype(config: ConfigDict, lm: LoadedModel):
+  """The dtype the prefix caches are kept in: ``model.cache_dtype``, else the activations'."""
+  name = config.model.get('cache_dtype', '')
+  return jnp.dtype(name) if name else jnp.dtype(lm.model.dtype)
+
+
+def cache_bytes(lm: LoadedModel, enc: prompts.EncodedPrompts, slots: int,
+                dtype=None) -> int:
   """Bytes the prefix caches of ``slots`` examples take: keys and values of their own tokens,
   their slot priors (one vocabulary row each, held until the pool has averaged them) and the
   validity mask."""
   c = lm.config
   width = enc.prefix_ids.shape[1]
-  itemsize = jnp.dtype(lm.model.dtype).itemsize
+  itemsize = jnp.dtype(dtype or lm.model.dtype).itemsize
   kv = 2 * c.num_layers * width * c.num_kv_heads * c.head_dim * itemsize
   return slots * (kv + 4 * c.vocab_size + width)
 
@@ -235,7 +242,7 @@ def _available_bytes() -> int | None:
 
 
 def _check_memory(lm, enc, slots: int, shards: int, config: ConfigDict):
-  need = cache_bytes(lm, enc, slots)
+  need = cache_bytes(lm, enc, slots, cache_dtype(config, lm))
   per_device = need // shards
   if os.environ.get('TOKENSPACE_JAX_SKIP_MEMORY_CHECK'):
     return
