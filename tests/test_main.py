@@ -302,3 +302,20 @@ def test_pool_keeps_each_features_mean_prior_and_drops_the_per_example_rows(tiny
     np.testing.assert_allclose(pool.mean_log_priors[f], per_example[slots].mean(0), rtol=1e-5,
                                atol=1e-6)
   assert not np.allclose(pool.mean_log_priors[0], pool.mean_log_priors[1])
+
+
+def test_cache_dtype_keeps_the_pools_caches_in_bfloat16(tiny_lm):
+  import jax.numpy as jnp
+
+  from tokenspace_jax.engine import pool as pool_lib
+  from tokenspace_jax.features import load_synthetic_feature as load_feature
+
+  pools = {name: pool_lib.build_pool(quick_config(**{'model.cache_dtype': name}), tiny_lm,
+                                     [load_feature('animal')])
+           for name in ('', 'bfloat16')}
+  assert pools[''].caches.k.dtype == jnp.float32
+  assert pools['bfloat16'].caches.k.dtype == pools['bfloat16'].caches.v.dtype == jnp.bfloat16
+  # The contrast baselines are read through the stored caches, so they move by bfloat16's
+  # rounding only.
+  want, got = (np.asarray(p.caches.baseline) for p in pools.values())
+  assert 0 < np.abs(got - want).max() < 0.05 * np.abs(want).max()

@@ -121,7 +121,7 @@ def get_base_config() -> ConfigDict:
   c.model.dtype = 'float32'  # activation dtype; bfloat16 halves memory (use it for 8B models)
   c.model.param_dtype = ''  # dtype the weights are stored in ('' = the same as model.dtype)
   # dtype the prompt prefixes' keys and values are kept in ('' = model.dtype); bfloat16 halves
-  # the pool's largest memory at float32 activations (its effect on labels: docs/results.md)
+  # them under float32 activations, for accelerators (slower on CPU: docs/results.md)
   c.model.cache_dtype = ''
 
   # The feature to label: a built-in one or an activation-records file, and how its examples
@@ -244,7 +244,7 @@ def override(c: ConfigDict, changes: dict) -> ConfigDict:
 # The prompt each named offline model answers best (docs/prompt_study.md: the identifiability
 # of the four built-in features on the training split); other sources keep the config's prompt.
 MODEL_PROMPTS = {'default': 'fewshot', 'smollm2-135m': 'fewshot',
-                 'qwen2.5-coder-0.5b': 'fewshot_chat', 'qwen2.5-coder-1.5b': 'fewshot_chat'}
+                 'qwen2.5-coder-0.5b': 'fewshot_chat', 'qwen2.5-coder-1.5b': 'question_chat'}
 
 PRESET_ARGS = ('quick', 'two', 'sweep', 'ablation', *PROMPTS)
 
