@@ -131,8 +131,9 @@ def identifiability(lm, model: str, prompt: str, feature: str, randoms: int, tra
                       'auroc_against': versus(margins[i])}
                      for i, ((ids, s, role), a) in enumerate(zip(labels, aurocs, strict=True))],
           'random_mean': float(aurocs[random].mean()),
-          'random_mean_against': {k: float(np.mean([versus(margins[i])[k] or np.nan
-                                                    for i in random])) for k in against},
+          'random_mean_against': {k: float(np.mean([np.nan if v is None else v for v in
+                                                    (versus(margins[i])[k] for i in random)]))
+                                  for k in against},
           'identifiability': float(aurocs[0] - aurocs[random].mean()),
           'interval': scoring.interval(dependence, 0.95),
           'seconds': time.perf_counter() - start}
