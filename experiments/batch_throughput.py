@@ -17,12 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
-from child import run_child
+from child import alternate, run_child
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,19 +53,10 @@ def main():
   if not os.path.exists(args.records):
     subprocess.run([sys.executable, '-m', 'tokenspace_jax.features.synthetic_records',
                     args.records], cwd=ROOT, check=True)
-  runs = []
-  root = tempfile.mkdtemp(prefix='batch_throughput-')
-  try:
-    for r in range(args.rounds):
-      for name, arg in settings.items():
-        row = {'setting': name, 'arg': arg, 'round': r,
-               **run_once(os.path.abspath(args.records), arg, os.path.join(root, f'{name}-{r}'))}
-        runs.append(row)
-        print(json.dumps(row, ensure_ascii=False), flush=True)
-        with open(args.out, 'w') as f:  # after every run: a later failure keeps what finished
-          json.dump({'records': args.records, 'runs': runs}, f, indent=1, ensure_ascii=False)
-  finally:
-    shutil.rmtree(root, ignore_errors=True)
+  records = os.path.abspath(args.records)
+  run = lambda name, r, workdir: {'setting': name, 'arg': settings[name], 'round': r,
+                                  **run_once(records, settings[name], workdir)}
+  runs = alternate(settings, args.rounds, run, args.out, {'records': args.records})
   print(f'\n{args.records}')
   print('| setting | round | seconds | features | features/hour | peak RSS GB | labels |')
   print('|---|---:|---:|---:|---:|---:|---|')

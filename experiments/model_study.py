@@ -123,16 +123,17 @@ def identifiability(lm, model: str, prompt: str, feature: str, randoms: int, tra
   versus = lambda m: {kind: (float(scoring.auroc(m[sel], targets[sel]))
                              if (sel & (targets == 0)).any() else None)
                       for kind, sel in against.items()}
+  by_kind = [versus(m) for m in margins]
   return {'model': model, 'prompt': prompt, 'feature': feature,
           'contrast_labels': int(config.contrast.labels), 'examples': int(len(idx)),
           'positives': int(targets.sum()),
           'labels': [{'token': s, 'token_ids': [int(t) for t in ids], 'role': role,
                       'auroc': float(a), 'interval': scoring.interval(samples[i], 0.95),
-                      'auroc_against': versus(margins[i])}
+                      'auroc_against': by_kind[i]}
                      for i, ((ids, s, role), a) in enumerate(zip(labels, aurocs, strict=True))],
           'random_mean': float(aurocs[random].mean()),
-          'random_mean_against': {k: float(np.mean([np.nan if v is None else v for v in
-                                                    (versus(margins[i])[k] for i in random)]))
+          'random_mean_against': {k: float(np.mean([np.nan if by_kind[i][k] is None
+                                                    else by_kind[i][k] for i in random]))
                                   for k in against},
           'identifiability': float(aurocs[0] - aurocs[random].mean()),
           'interval': scoring.interval(dependence, 0.95),

@@ -21,11 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 
-from child import run_child
+from child import alternate, run_child
 
 PHASES = ('model', 'pool', 'descent', 'compile', 'scoring')
 
@@ -67,20 +65,13 @@ def main():
   for name, path in codes.items():
     if not os.path.isdir(os.path.join(path, 'tokenspace_jax')):
       sys.exit(f'--code {name}={path}: no tokenspace_jax package there; give a checkout.')
-  runs = []
-  root = tempfile.mkdtemp(prefix='time_to_label-')
-  try:
-    for r in range(args.rounds):
-      for name, path in codes.items():
-        arg = ','.join(filter(None, [args.arg, extra.get(name, '')]))
-        row = {'code': name, 'round': r, 'arg': arg,
-               **run_once(path, args.config, arg, os.path.join(root, f'{name}-{r}'))}
-        runs.append(row)
-        print(json.dumps(row), flush=True)
-        with open(args.out, 'w') as f:  # after every run: a later failure keeps what finished
-          json.dump({'config': args.config, 'arg': args.arg, 'runs': runs}, f, indent=1)
-  finally:
-    shutil.rmtree(root, ignore_errors=True)
+
+  def run(name, r, workdir):
+    arg = ','.join(filter(None, [args.arg, extra.get(name, '')]))
+    return {'code': name, 'round': r, 'arg': arg,
+            **run_once(codes[name], args.config, arg, workdir)}
+
+  runs = alternate(codes, args.rounds, run, args.out, {'config': args.config, 'arg': args.arg})
   cell = lambda v: '-' if v is None else f'{v:.1f}'
   cell3 = lambda v: '-' if v is None else f'{v:.3f}'
   print(f'\n{args.config}{":" + args.arg if args.arg else ""}, seconds')

@@ -208,18 +208,16 @@ def _check_context(lm: LoadedModel, enc: prompts.EncodedPrompts, label_tokens: i
 
 def cache_dtype(config: ConfigDict, lm: LoadedModel):
   """The dtype the prefix caches are kept in: ``model.cache_dtype``, else the activations'."""
-  name = config.model.get('cache_dtype', '')
-  return jnp.dtype(name) if name else jnp.dtype(lm.model.dtype)
+  return jnp.dtype(config.model.cache_dtype or lm.model.dtype)
 
 
-def cache_bytes(lm: LoadedModel, enc: prompts.EncodedPrompts, slots: int,
-                dtype=None) -> int:
+def cache_bytes(lm: LoadedModel, enc: prompts.EncodedPrompts, slots: int, dtype) -> int:
   """Bytes the prefix caches of ``slots`` examples take: keys and values of their own tokens,
   their slot priors (one vocabulary row each, held until the pool has averaged them) and the
-  validity mask."""
+  validity mask, with the keys and values in ``dtype``."""
   c = lm.config
   width = enc.prefix_ids.shape[1]
-  itemsize = jnp.dtype(dtype or lm.model.dtype).itemsize
+  itemsize = jnp.dtype(dtype).itemsize
   kv = 2 * c.num_layers * width * c.num_kv_heads * c.head_dim * itemsize
   return slots * (kv + 4 * c.vocab_size + width)
 
