@@ -73,6 +73,19 @@ def test_rating_prompt_runs(tiny_lm, tmp_path):
   assert result['steps'] == 2 and result['config']['prompt']['yes'] == '1'
 
 
+def test_a_named_model_brings_its_prompt_and_start_and_later_arguments_win():
+  base = config_defaults.get_base_config
+  qwen = config_defaults.apply_arg(base(), 'model=qwen2.5-coder-1.5b')
+  assert qwen.model.source == 'qwen2.5-coder-1.5b' and qwen.label.init == 'prior'
+  assert qwen.prompt.user == config_defaults.QUESTION_CHAT_PROMPT['user']
+  later = config_defaults.apply_arg(base(), 'model=qwen2.5-coder-1.5b,label.init=zeros,rating')
+  assert later.label.init == 'zeros' and later.prompt.yes == '1'
+  small = config_defaults.apply_arg(base(), 'model=smollm2-135m')
+  assert small.label.init == 'zeros' and small.prompt.chat is False
+  folder = config_defaults.apply_arg(base(), 'model=/models/llama')  # not named: config's own
+  assert folder.label.init == 'zeros' and folder.prompt.user == base().prompt.user
+
+
 def test_workdir_with_another_config_is_refused(tiny_lm, tmp_path):
   main.run(quick_config(steps=2), str(tmp_path), lm=tiny_lm)
   with pytest.raises(WorkdirError, match='optim'):

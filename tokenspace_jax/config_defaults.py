@@ -241,10 +241,17 @@ def override(c: ConfigDict, changes: dict) -> ConfigDict:
   return c
 
 
-# The prompt each named offline model answers best (docs/prompt_study.md: the identifiability
-# of the four built-in features on the training split); other sources keep the config's prompt.
-MODEL_PROMPTS = {'default': 'fewshot', 'smollm2-135m': 'fewshot',
-                 'qwen2.5-coder-0.5b': 'fewshot_chat', 'qwen2.5-coder-1.5b': 'question_chat'}
+# What each named offline model's runs start from: the prompt it answers best (docs/prompt_study.md:
+# the identifiability of the four built-in features on the training split) and, where measured
+# to help, other keys. On Qwen2.5-Coder-1.5B the label starts from the model's own guess at the
+# slot (label.init=prior), whose most probable tokens are the concept words (docs/results.md,
+# "Starting from the prior"). Other sources keep the config's values.
+MODEL_DEFAULTS = {
+    'default': {'prompt': 'fewshot'},
+    'smollm2-135m': {'prompt': 'fewshot'},
+    'qwen2.5-coder-0.5b': {'prompt': 'fewshot_chat'},
+    'qwen2.5-coder-1.5b': {'prompt': 'question_chat', 'label.init': 'prior'},
+}
 
 PRESET_ARGS = ('quick', 'two', 'sweep', 'ablation', *PROMPTS)
 
@@ -256,10 +263,10 @@ def apply_arg(c: ConfigDict, arg: str | None) -> ConfigDict:
   tests and first looks; ``fewshot``, ``fewshot_chat`` and ``rating`` pick the prompt template;
   ``two`` makes the label two tokens; ``sweep`` descends 3 learning rates x 2 restarts together,
   ``ablation`` the entropy and KL weights each on and off (4 rows). ``model=NAME`` sets
-  ``model.source`` and, for a named offline model, the prompt it answers best
-  (``MODEL_PROMPTS``). Any other ``key=value`` sets a dotted config key, the value read as the
-  key's type (``optim.lr=0.3``). Arguments apply in order, so a prompt named after ``model=``
-  wins.
+  ``model.source`` and, for a named offline model, its ``MODEL_DEFAULTS`` (the prompt it answers
+  best, and for some the label's start). Any other ``key=value`` sets a dotted config key, the
+  value read as the key's type (``optim.lr=0.3``). Arguments apply in order, so a prompt or key
+  named after ``model=`` wins.
   """
   for a in (arg or '').split(','):
     a = a.strip()
@@ -267,8 +274,11 @@ def apply_arg(c: ConfigDict, arg: str | None) -> ConfigDict:
       continue
     if a.startswith('model='):
       c.model.source = a.split('=', 1)[1].strip()
-      if c.model.source in MODEL_PROMPTS:
-        c.prompt = ConfigDict(PROMPTS[MODEL_PROMPTS[c.model.source]])
+      for key, value in MODEL_DEFAULTS.get(c.model.source, {}).items():
+        if key == 'prompt':
+          c.prompt = ConfigDict(PROMPTS[value])
+        else:
+          override(c, {key: value})
     elif '=' in a:
       key, value = (s.strip() for s in a.split('=', 1))
       _set_typed(c, key, value)
