@@ -211,13 +211,25 @@ def diff(before: dict, after: dict) -> dict:
   return {k: after[k] for k in after if k not in before or before[k] != after[k]}
 
 
-def diff_text(changes: dict) -> str:
+def preset_name(after: dict) -> str | None:
+  """The name of the prompt preset a flattened config's ``prompt.*`` keys are, if any."""
+  prompt = lambda flat: {k: v for k, v in flat.items() if k.startswith('prompt.')}
+  for name in config_defaults.PROMPTS:
+    preset = config_defaults.apply_arg(config_defaults.get_base_config(), name)
+    if prompt(flatten(preset)) == prompt(after):
+      return name
+  return None
+
+
+def diff_text(changes: dict, after: dict) -> str:
   if not changes:
     return 'nothing (the default)'
   prompts = [k for k in changes if k.startswith('prompt.')]
   if len(prompts) > 1:
     rest = ', '.join(f'`{k}={changes[k]!r}`' for k in changes if k not in prompts)
-    return 'the prompt: `prompt.*` of a [preset](#prompt-presets)' + (f'; {rest}' if rest else '')
+    name = preset_name(after)
+    which = f'the `{name}` [preset](#prompt-presets)' if name else 'a [preset](#prompt-presets)'
+    return f'the prompt: `prompt.*` of {which}' + (f'; {rest}' if rest else '')
   return ', '.join(f'`{k}={changes[k]!r}`' for k in changes)
 
 
@@ -353,7 +365,8 @@ def _config_files() -> tuple[list[str], list[str]]:
     own = flatten(module.get_config())
     name = f'configs/{os.path.basename(path)}'
     doc = (module.__doc__ or '').strip().splitlines()
-    lines.append(f'| `{name}` | {cell(doc[0] if doc else "")} | {diff_text(diff(base, own))} |')
+    changes = diff_text(diff(base, own), own)
+    lines.append(f'| `{name}` | {cell(doc[0] if doc else "")} | {changes} |')
     with open(path, encoding='utf-8') as f:
       comments, _ = source_comments(f.read(), 'get_config')
     for key in own:
@@ -365,7 +378,8 @@ def _config_files() -> tuple[list[str], list[str]]:
         added.append((name, key, own[key], meaning))
     for a in args:
       try:
-        per_arg[a][name] = diff_text(diff(own, flatten(module.get_config(a))))
+        after = flatten(module.get_config(a))
+        per_arg[a][name] = diff_text(diff(own, after), after)
       except Exception as e:  # noqa: BLE001 - a config may not support every argument
         per_arg[a][name] = f'not supported ({type(e).__name__})'
   if added:

@@ -306,3 +306,22 @@ def test_worker_shards_merged_equal_one_job(straight, tiny_folder, records, tiny
 def _lines_text(workdir):
   with open(os.path.join(workdir, 'labels.jsonl'), encoding='utf-8') as f:
     return f.read().splitlines(keepends=True)
+
+
+def test_prior_start_gives_each_row_its_own_features_prior():
+  """label.init=prior: every row of a multi-feature step starts at its own feature's mean log
+  prior (a restart adds its noise on top), so one feature's guess never seeds another's."""
+  c = config_defaults.override(config_defaults.get_base_config(),
+                               {'label.init': 'prior', 'sweep.restarts': 2, 'sweep.noise': 0.5})
+  priors = np.log(np.random.default_rng(0).dirichlet(np.ones(7), size=3)).astype(np.float32)
+  specs = rows.row_specs(c, 3)
+  state = rows.init_rows(c, specs, priors, 7, None, optax.adam(0.1))
+  logits = np.asarray(state['label']['logits'])  # [rows, K, V]
+  assert [s.feature for s in specs] == [0, 0, 1, 1, 2, 2]
+  for r, spec in enumerate(specs):
+    if spec.restart == 0:
+      np.testing.assert_allclose(logits[r, 0], priors[spec.feature], rtol=0, atol=0)
+    else:  # the noise is around the same feature's prior, not another's
+      assert np.abs(logits[r, 0] - priors[spec.feature]).max() > 0
+      assert (np.abs(logits[r, 0] - priors[spec.feature]).mean()
+              < min(np.abs(logits[r, 0] - priors[g]).mean() for g in range(3) if g != spec.feature))

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from tokenspace_jax import config_defaults, main
+from tokenspace_jax.classifier import label as label_lib
 from tokenspace_jax.config_defaults import ConfigValueError
 from tokenspace_jax.engine.loop import NonFiniteLossError
 from tokenspace_jax.features import FeatureError
@@ -80,10 +81,20 @@ def test_a_named_model_brings_its_prompt_and_start_and_later_arguments_win():
   assert qwen.prompt.user == config_defaults.QUESTION_CHAT_PROMPT['user']
   later = config_defaults.apply_arg(base(), 'model=qwen2.5-coder-1.5b,label.init=zeros,rating')
   assert later.label.init == 'zeros' and later.prompt.yes == '1'
-  small = config_defaults.apply_arg(base(), 'model=smollm2-135m')
-  assert small.label.init == 'zeros' and small.prompt.chat is False
+  small = config_defaults.apply_arg(base(), 'model=qwen2.5-coder-1.5b,model=smollm2-135m')
+  assert small.label.init == 'zeros' and small.prompt.chat is False  # the 1.5B's undone
   folder = config_defaults.apply_arg(base(), 'model=/models/llama')  # not named: config's own
   assert folder.label.init == 'zeros' and folder.prompt.user == base().prompt.user
+
+
+def test_a_run_can_start_from_the_models_prior(tiny_lm, tmp_path):
+  """label.init=prior through the whole command: the first step's p is the model's guess at the
+  slot (far from uniform), not the zeros start's 1/V."""
+  result = main.run(quick_config(steps=1, **{'label.init': 'prior', 'optim.lr': 1e-6}),
+                    str(tmp_path), lm=tiny_lm)
+  first = json.loads(open(tmp_path / 'trajectory.jsonl').readline())
+  allowed = int(np.sum(label_lib.allowed_tokens(tiny_lm.tokenizer, tiny_lm.config.vocab_size)))
+  assert result['status'] == 'finished' and first['top'][0][1] > 5 / allowed
 
 
 def test_workdir_with_another_config_is_refused(tiny_lm, tmp_path):

@@ -242,14 +242,15 @@ def override(c: ConfigDict, changes: dict) -> ConfigDict:
 
 
 # What each named offline model's runs start from: the prompt it answers best (docs/prompt_study.md:
-# the identifiability of the four built-in features on the training split) and, where measured
-# to help, other keys. On Qwen2.5-Coder-1.5B the label starts from the model's own guess at the
-# slot (label.init=prior), whose most probable tokens are the concept words (docs/results.md,
-# "Starting from the prior"). Other sources keep the config's values.
+# the identifiability of the four built-in features on the training split) and how the label
+# starts. On Qwen2.5-Coder-1.5B the label starts from the model's own guess at the slot
+# (label.init=prior), whose most probable tokens are concept words (docs/results.md, "Starting
+# from the prior"). Every entry sets the same keys, so naming another model undoes the last.
+# Other sources keep the config's values.
 MODEL_DEFAULTS = {
-    'default': {'prompt': 'fewshot'},
-    'smollm2-135m': {'prompt': 'fewshot'},
-    'qwen2.5-coder-0.5b': {'prompt': 'fewshot_chat'},
+    'default': {'prompt': 'fewshot', 'label.init': 'zeros'},
+    'smollm2-135m': {'prompt': 'fewshot', 'label.init': 'zeros'},
+    'qwen2.5-coder-0.5b': {'prompt': 'fewshot_chat', 'label.init': 'zeros'},
     'qwen2.5-coder-1.5b': {'prompt': 'question_chat', 'label.init': 'prior'},
 }
 
