@@ -92,7 +92,8 @@ def identifiability(lm, model: str, prompt: str, feature: str, randoms: int, tra
   from tokenspace_jax.engine.pool import build_pool
   from tokenspace_jax.features.from_config import load_feature
 
-  config = config_for(feature, arg, **{'feature.max_train': train, 'feature.max_heldout': 16})
+  config = config_for(feature, ','.join(filter(None, [f'model={model}', arg])),
+                      **{'feature.max_train': train, 'feature.max_heldout': 16})
   config.prompt = ConfigDict(candidate_prompts()[prompt])
   start = time.perf_counter()
   f = load_feature(config.feature, lm.tokenizer, lm.config.vocab_size)
@@ -178,7 +179,9 @@ def run_descent(args):
     lm = load_model(model)
     for feature in args.features.split(','):
       prompt = args.prompts.split(',')[0]
-      arg = ','.join(filter(None, [args.arg, f'model.source={model}']))
+      # model= first: it replaces the config's own model and its defaults (MODEL_DEFAULTS),
+      # and --arg after it wins; the prompt is --prompts' below.
+      arg = ','.join(filter(None, [f'model={model}', args.arg]))
       config = config_for(feature, arg)
       from ml_collections import ConfigDict
 

@@ -41,7 +41,8 @@ def config_for(feature: str, arg: str = '', **changes):
   spec.loader.exec_module(module)
   from tokenspace_jax import config_defaults
 
-  c = module.get_config(arg or None)
+  # The experiments are on the embedded default, whichever model a config itself names.
+  c = module.get_config(','.join(filter(None, ['model=default', arg])))
   c.progress = False
   return config_defaults.override(c, changes)
 

@@ -92,7 +92,7 @@ def test_a_run_can_start_from_the_models_prior(tiny_lm, tmp_path):
   slot (far from uniform), not the zeros start's 1/V."""
   result = main.run(quick_config(steps=1, **{'label.init': 'prior', 'optim.lr': 1e-6}),
                     str(tmp_path), lm=tiny_lm)
-  first = json.loads(open(tmp_path / 'trajectory.jsonl').readline())
+  first = json.loads((tmp_path / 'trajectory.jsonl').read_text().splitlines()[0])
   allowed = int(np.sum(label_lib.allowed_tokens(tiny_lm.tokenizer, tiny_lm.config.vocab_size)))
   assert result['status'] == 'finished' and first['top'][0][1] > 5 / allowed
 
