@@ -65,9 +65,10 @@ CHOICE_NOTES = {
     ('data.sampling', 'balanced'): 'each batch holds `positive_fraction` positives, whatever the '
                                    "feature's base rate",
     ('data.sampling', 'natural'): 'batches drawn at the base rate of the training split',
-    ('label.init', 'zeros'): 'uniform p (the default)',
+    ('label.init', 'zeros'): 'uniform p: no token favoured',
     ('label.init', 'normal'): 'logits drawn from N(0, `init_scale`)',
-    ('label.init', 'prior'): "the model's own mean next-token log-probabilities at the slot",
+    ('label.init', 'prior'): ("the model's own mean next-token log-probabilities at the slot "
+                              '(the default)'),
     ('label.init', 'word'): '`init_scale` on the token of `label.init_word`, 0 elsewhere',
     ('feature.negatives', 'hard'): 'built-in features: every hard negative (near misses such as '
                                    'birds and fish for `mammal`) plus up to two ordinary words '

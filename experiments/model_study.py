@@ -66,7 +66,12 @@ def candidate_prompts() -> dict:
           'fewshot_close_chat': dict(d.FEWSHOT_CHAT_PROMPT, few_shot=close),
           'fewshot_lang': dict(d.FEWSHOT_PROMPT, few_shot=shots),
           'fewshot_lang_chat': dict(d.FEWSHOT_CHAT_PROMPT, few_shot=shots),
-          'fewshot_lang_match_chat': dict(d.FEWSHOT_CHAT_PROMPT, few_shot=shots, system=matches)}
+          'fewshot_lang_match_chat': dict(d.FEWSHOT_CHAT_PROMPT, few_shot=shots, system=matches),
+          # question_chat with the close-language pairs after its own language examples.
+          'question_close_chat': dict(d.QUESTION_CHAT_PROMPT,
+                                      few_shot=d.QUESTION_CHAT_PROMPT['few_shot'] + tuple(
+                                          dict(text=t, word=w, concept=c, answer=a)
+                                          for t, w, c, a in CLOSE_LANGUAGE_SHOTS))}
 
 
 def config_for(feature: str, arg: str = '', **changes):
@@ -242,7 +247,8 @@ def table(args):
             f'{r["steps"]} | {r["wall_seconds"]:.0f} s | {s["found"]["auroc"]:.3f} '
             f'[{ci[0]:.2f}, {ci[1]:.2f}] / {ref["auroc"] if ref else float("nan"):.3f} / '
             f'{v["random_auroc_mean"]:.3f} | {v["status"]}'
-            f'{", " + v.get("found_vs_reference", "") + " reference" if ref else ""} |')
+            f'{", " + v.get("found_vs_reference", "") + " reference" if ref else ""}'
+            f'{", with a caution" if v.get("caution") else ""} |')
   print('\n'.join(lines))
 
 

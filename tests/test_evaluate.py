@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -121,6 +123,27 @@ def test_a_found_label_that_beats_a_reference_the_classifier_ignores_comes_with_
   plain = _verdict(400, [0.8, 0.6, 0, 0, 0])
   assert 'Caution' not in plain['message'] and 'caution' not in plain
   assert plain['message'].startswith('IDENTIFIABLE: ')
+
+
+def test_another_word_that_only_matches_an_ignored_reference_also_comes_with_a_caution():
+  """"Matches" by a wide interval is no evidence that the words mean the same: when the
+  reference hardly beats random labels, any other found word is cautioned; the reference word
+  itself, found, is not."""
+  rng = np.random.default_rng(4)
+  n = 400
+  targets = (np.arange(n) % 2).astype(np.float32)
+  # Independent margins (no shared part), so the difference of the two words is unsure.
+  margins = rng.normal(size=(8, n)) + np.array([0.35, 0.12] + [0] * 6)[:, None] * targets
+  samples = scoring.bootstrap_aurocs(margins, targets, 500, 4)
+  roles = ['found', 'reference'] + ['random'] * 6
+  v = verdict(_scores(margins, targets, roles), samples, positives=n // 2, negatives=n // 2)
+  assert v['status'] == scoring.IDENTIFIABLE and v['found_vs_reference'] == 'matches'
+  assert not v['reference_uses_concept']
+  assert v['message'].startswith('IDENTIFIABLE, WITH A CAUTION:') and v['caution']
+  same = _scores(margins, targets, roles)
+  same[0] = dataclasses.replace(same[0], token_id=same[1].token_id, token=same[1].token)
+  itself = verdict(same, samples, positives=n // 2, negatives=n // 2)
+  assert 'caution' not in itself and itself['message'].startswith('IDENTIFIABLE: ')
 
 
 def test_random_labels_are_word_like_and_as_many_as_asked():

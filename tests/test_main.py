@@ -82,9 +82,13 @@ def test_a_named_model_brings_its_prompt_and_start_and_later_arguments_win():
   later = config_defaults.apply_arg(base(), 'model=qwen2.5-coder-1.5b,label.init=zeros,rating')
   assert later.label.init == 'zeros' and later.prompt.yes == '1'
   small = config_defaults.apply_arg(base(), 'model=qwen2.5-coder-1.5b,model=smollm2-135m')
-  assert small.label.init == 'zeros' and small.prompt.chat is False  # the 1.5B's undone
-  folder = config_defaults.apply_arg(base(), 'model=/models/llama')  # not named: config's own
-  assert folder.label.init == 'zeros' and folder.prompt.user == base().prompt.user
+  assert small.label.init == 'prior' and small.prompt.chat is False  # the 1.5B's prompt undone
+  other = config_defaults.apply_arg(base(), 'model=qwen2.5-coder-1.5b,model=qwen2.5-coder-0.5b')
+  assert other.label.init == 'zeros'  # the 1.5B's start undone
+  assert other.prompt.user == config_defaults.FEWSHOT_CHAT_PROMPT['user']
+  folder = config_defaults.apply_arg(base(), 'model=/models/llama,label.init=normal')
+  folder = config_defaults.apply_arg(folder, 'model=/models/other')  # not named: config's own
+  assert folder.label.init == 'normal' and folder.prompt.user == base().prompt.user
 
 
 def test_a_run_can_start_from_the_models_prior(tiny_lm, tmp_path):

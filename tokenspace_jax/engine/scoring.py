@@ -355,16 +355,20 @@ def verdict(scores: list[LabelScore], samples: np.ndarray | None = None, *,
                        f'{rs.auroc:.3f}; the found label {compare} the reference '
                        f'(difference {diff:+.3f}{ci(diff_ci) if diff_ci else ""}).')
     # Does the classifier use the human concept at all? When the reference word itself does not
-    # clearly beat the random labels, a found label that does may work as a switch on the
-    # classifier (a negation, a token that shifts its yes rate with the word's script) rather
-    # than name the feature: the AUROC cannot tell those apart, so the reader is told.
+    # clearly beat the random labels, another word that scores as well or better may work as a
+    # switch on the classifier (a negation, a token that shifts its yes rate with the word's
+    # script) rather than name the feature: the AUROC cannot tell those apart, so the reader is
+    # told. "Matches" needs it as much as "beats": a wide interval of the difference is no
+    # evidence that the two words mean the same.
     ref_dep = samples[r] - random_means(samples[randoms]) if has_samples and randoms else None
     ref_ci = interval(ref_dep, confidence) if ref_dep is not None else None
     ref_point = float(aurocs[r] - random_mean)
     out['reference_dependence'] = ref_point
     out['reference_dependence_interval'] = ref_ci
     out['reference_uses_concept'] = bool(ref_point >= margin and (ref_ci is None or ref_ci[0] > 0))
-    if status == IDENTIFIABLE and compare == 'beats' and not out['reference_uses_concept']:
+    other_word = list(np.atleast_1d(fs.token_id)) != list(np.atleast_1d(rs.token_id))
+    if (status == IDENTIFIABLE and compare != 'is below' and other_word
+        and not out['reference_uses_concept']):
       out['caution'] = (f'the reference word itself barely beats the random labels '
                         f'({ref_point:+.3f}{ci(ref_ci) if ref_ci else ""}), so this classifier '
                         'hardly uses the concept; the found label may steer it by another route '
