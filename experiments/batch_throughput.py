@@ -8,8 +8,8 @@ Each round runs ``python -m tokenspace_jax.batch --config=configs/batch.py`` onc
 in turn (so a busy spell of the machine hits every setting alike), each in a fresh process and
 a fresh workdir, on the same records file (by default the four built-in features as records,
 written by ``tokenspace_jax.features.synthetic_records`` if absent). It prints the wall time of
-the whole job, features per hour, the process's peak resident memory, and each feature's label
-and verdict, and writes them as JSON.
+the whole job, features per hour, the process's peak resident memory, and each feature's label,
+verdict and steps, and writes them as JSON.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def run_once(records: str, arg: str, workdir: str) -> dict:
   return {'wall': run.wall, 'features': len(lines),
           'features_per_hour': 3600 * len(lines) / run.wall, 'peak_rss_gb': run.peak_rss_gb,
           'labels': [{'feature': x.get('feature_id'), 'label': x.get('label'),
+                      'steps': x.get('steps'),
                       'verdict': (x.get('verdict') or x.get('error') or '').split(':')[0]}
                      for x in lines]}
 
@@ -61,7 +62,8 @@ def main():
   print('| setting | round | seconds | features | features/hour | peak RSS GB | labels |')
   print('|---|---:|---:|---:|---:|---:|---|')
   for row in runs:
-    labels = ', '.join(f'{x["feature"]}: {x["label"]!r} ({x["verdict"]})' for x in row['labels'])
+    labels = ', '.join(f'{x["feature"]}: {x["label"]!r} ({x["verdict"]}, {x.get("steps")} steps)'
+                       for x in row['labels'])
     print(f'| {row["setting"]} | {row["round"]} | {row["wall"]:.0f} | {row["features"]} | '
           f'{row["features_per_hour"]:.1f} | {row["peak_rss_gb"]:.2f} | {labels} |')
 
