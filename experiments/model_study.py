@@ -155,7 +155,7 @@ def run_identifiability(args):
   words = tuple(w for w in args.words.split(',') if w)
   for model in args.models.split(','):
     lm = load_model(model)
-    for prompt in args.prompts.split(','):
+    for prompt in (args.prompts or 'fewshot').split(','):
       for feature in args.features.split(','):
         path = os.path.join(args.out, 'identifiability', model, prompt, f'{feature}.json')
         if os.path.exists(path):
@@ -175,7 +175,7 @@ def run_identifiability(args):
 def run_descent(args):
   import logging
 
-  from tokenspace_jax import main
+  from tokenspace_jax import config_defaults, main
   from tokenspace_jax.models import load_model
   from tokenspace_jax.outputs import views
 
@@ -183,9 +183,11 @@ def run_descent(args):
   for model in args.models.split(','):
     lm = load_model(model)
     for feature in args.features.split(','):
-      prompt = args.prompts.split(',')[0]
+      # Without --prompts, the model's own prompt (MODEL_DEFAULTS), as its config would run.
+      prompt = (args.prompts.split(',')[0] if args.prompts else
+                config_defaults.MODEL_DEFAULTS.get(model, {}).get('prompt', 'fewshot'))
       # model= first: it replaces the config's own model and its defaults (MODEL_DEFAULTS),
-      # and --arg after it wins; the prompt is --prompts' below.
+      # and --arg after it wins; the prompt is set below.
       arg = ','.join(filter(None, [f'model={model}', args.arg]))
       config = config_for(feature, arg)
       from ml_collections import ConfigDict
@@ -256,7 +258,9 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('command', choices=('identifiability', 'descent', 'table'))
   parser.add_argument('--models', default=','.join(MODELS))
-  parser.add_argument('--prompts', default='fewshot')
+  parser.add_argument('--prompts', default='',
+                      help="comma-separated prompt names (identifiability: default fewshot; "
+                           "descent: the first, default the model's own)")
   parser.add_argument('--features', default=','.join(FEATURES))
   parser.add_argument('--random', type=int, default=8)
   parser.add_argument('--train', type=int, default=128, help='training examples scored')

@@ -74,21 +74,20 @@ def test_rating_prompt_runs(tiny_lm, tmp_path):
   assert result['steps'] == 2 and result['config']['prompt']['yes'] == '1'
 
 
-def test_a_named_model_brings_its_prompt_and_start_and_later_arguments_win():
+def test_a_named_model_brings_its_prompt_and_later_arguments_win():
   base = config_defaults.get_base_config
+  assert base().label.init == 'prior'  # every model starts from its own guess at the slot
   qwen = config_defaults.apply_arg(base(), 'model=qwen2.5-coder-1.5b')
-  assert qwen.model.source == 'qwen2.5-coder-1.5b' and qwen.label.init == 'prior'
+  assert qwen.model.source == 'qwen2.5-coder-1.5b'
   assert qwen.prompt.user == config_defaults.QUESTION_CHAT_PROMPT['user']
   later = config_defaults.apply_arg(base(), 'model=qwen2.5-coder-1.5b,label.init=zeros,rating')
   assert later.label.init == 'zeros' and later.prompt.yes == '1'
   small = config_defaults.apply_arg(base(), 'model=qwen2.5-coder-1.5b,model=smollm2-135m')
-  assert small.label.init == 'prior' and small.prompt.chat is False  # the 1.5B's prompt undone
+  assert small.prompt.chat is False  # the 1.5B's prompt undone
   other = config_defaults.apply_arg(base(), 'model=qwen2.5-coder-1.5b,model=qwen2.5-coder-0.5b')
-  assert other.label.init == 'zeros'  # the 1.5B's start undone
   assert other.prompt.user == config_defaults.FEWSHOT_CHAT_PROMPT['user']
-  folder = config_defaults.apply_arg(base(), 'model=/models/llama,label.init=normal')
-  folder = config_defaults.apply_arg(folder, 'model=/models/other')  # not named: config's own
-  assert folder.label.init == 'normal' and folder.prompt.user == base().prompt.user
+  folder = config_defaults.apply_arg(base(), 'rating,model=/models/llama')  # not named
+  assert folder.prompt.yes == '1' and folder.model.source == '/models/llama'  # config's own
 
 
 def test_a_run_can_start_from_the_models_prior(tiny_lm, tmp_path):

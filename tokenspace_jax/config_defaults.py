@@ -242,17 +242,17 @@ def override(c: ConfigDict, changes: dict) -> ConfigDict:
 
 
 # What each named offline model's runs start from: the prompt it answers best (docs/prompt_study.md:
-# the identifiability of the four built-in features on the training split) and how the label
-# starts. From the model's own guess at the slot (label.init=prior), whose most probable tokens
-# are concept words, SmolLM2-135M and Qwen2.5-Coder-1.5B reach the same or righter labels in
-# fewer steps than from a uniform p (docs/results.md, "Starting from the prior"); Qwen2.5-Coder-
-# 0.5B has not been measured from it, so it keeps the uniform start. Every entry sets the same
-# keys, so naming another model undoes the last. Other sources keep the config's values.
+# the identifiability of the four built-in features on the training split). An entry may set
+# other keys too; every entry sets the same keys, so naming another model undoes the last.
+# Other sources keep the config's values. The label's start, the model's own guess at the slot
+# (label.init=prior), is the base default: on the offline models it reaches the same or righter
+# labels in fewer steps than a uniform p (docs/results.md, "Starting from the prior"; on
+# Qwen2.5-Coder-0.5B two features, under the plain few-shot prompt).
 MODEL_DEFAULTS = {
-    'default': {'prompt': 'fewshot', 'label.init': 'prior'},
-    'smollm2-135m': {'prompt': 'fewshot', 'label.init': 'prior'},
-    'qwen2.5-coder-0.5b': {'prompt': 'fewshot_chat', 'label.init': 'zeros'},
-    'qwen2.5-coder-1.5b': {'prompt': 'question_chat', 'label.init': 'prior'},
+    'default': {'prompt': 'fewshot'},
+    'smollm2-135m': {'prompt': 'fewshot'},
+    'qwen2.5-coder-0.5b': {'prompt': 'fewshot_chat'},
+    'qwen2.5-coder-1.5b': {'prompt': 'question_chat'},
 }
 
 PRESET_ARGS = ('quick', 'two', 'sweep', 'ablation', *PROMPTS)
@@ -266,7 +266,7 @@ def apply_arg(c: ConfigDict, arg: str | None) -> ConfigDict:
   ``two`` makes the label two tokens; ``sweep`` descends 3 learning rates x 2 restarts together,
   ``ablation`` the entropy and KL weights each on and off (4 rows). ``model=NAME`` sets
   ``model.source`` and, for a named offline model, its ``MODEL_DEFAULTS`` (the prompt it answers
-  best, and for some the label's start). Any other ``key=value`` sets a dotted config key, the
+  best). Any other ``key=value`` sets a dotted config key, the
   value read as the key's type (``optim.lr=0.3``). Arguments apply in order, so a prompt or key
   named after ``model=`` wins.
   """
