@@ -7,7 +7,7 @@ negatives).
     python -m tokenspace_jax.main --config=configs/mammal.py:quick --workdir=/tmp/mammal-quick
 
 Runs on Qwen2.5-Coder-1.5B-Instruct with its prompt (the
-`qwen2.5-coder-1.5b` entry of config_defaults.MODEL_DEFAULTS): there it finds the paper's own
+`qwen2.5-coder-1.5b` entry of config_defaults.MODEL_PROMPTS): there it finds the paper's own
 ` mamm`, where the embedded SmolLM2-135M finds only the broader ` animal` (docs/results.md,
 "Which model each config uses"). It takes about 16 minutes and 12 GB on 2 CPU cores against
 about 75 seconds on SmolLM2; `model=smollm2-135m` (or `model=qwen2.5-coder-0.5b`) as an

@@ -389,10 +389,9 @@ def _config_files() -> tuple[list[str], list[str]]:
     lines += [f'| `{name}` | `{key}` | {show(value)} | {cell(meaning)} |'
               for name, key, value, meaning in added]
   lines += ['', '| argument | changes |', '|---|---|']
-  models = '; '.join(f'`{m}` → ' + ', '.join(f'`{k}={v}`' for k, v in keys.items())
-                     for m, keys in config_defaults.MODEL_DEFAULTS.items())
+  models = '; '.join(f'`{m}` → `prompt={p}`' for m, p in config_defaults.MODEL_PROMPTS.items())
   lines.append(f'| `:model=NAME` | `model.source=NAME`, and for a named offline model the '
-               f'prompt it answers best and other keys measured to help ({models}) |')
+               f'prompt it answers best ({models}) |')
   lines.append('| `:KEY=VALUE` | the dotted config key, the value read as its type '
                '(`:optim.lr=0.3`) |')
   for a in args:

@@ -68,10 +68,8 @@ def candidate_prompts() -> dict:
           'fewshot_lang_chat': dict(d.FEWSHOT_CHAT_PROMPT, few_shot=shots),
           'fewshot_lang_match_chat': dict(d.FEWSHOT_CHAT_PROMPT, few_shot=shots, system=matches),
           # question_chat with the close-language pairs after its own language examples.
-          'question_close_chat': dict(d.QUESTION_CHAT_PROMPT,
-                                      few_shot=d.QUESTION_CHAT_PROMPT['few_shot'] + tuple(
-                                          dict(text=t, word=w, concept=c, answer=a)
-                                          for t, w, c, a in CLOSE_LANGUAGE_SHOTS))}
+          'question_close_chat': dict(d.QUESTION_CHAT_PROMPT, few_shot=with_shots(
+              d.LANGUAGE_EXAMPLES + CLOSE_LANGUAGE_SHOTS))}
 
 
 def config_for(feature: str, arg: str = '', **changes):
@@ -183,11 +181,11 @@ def run_descent(args):
   for model in args.models.split(','):
     lm = load_model(model)
     for feature in args.features.split(','):
-      # Without --prompts, the model's own prompt (MODEL_DEFAULTS), as its config would run.
+      # Without --prompts, the model's own prompt (MODEL_PROMPTS), as its config would run.
       prompt = (args.prompts.split(',')[0] if args.prompts else
-                config_defaults.MODEL_DEFAULTS.get(model, {}).get('prompt', 'fewshot'))
-      # model= first: it replaces the config's own model and its defaults (MODEL_DEFAULTS),
-      # and --arg after it wins; the prompt is set below.
+                config_defaults.MODEL_PROMPTS.get(model, 'fewshot'))
+      # model= first: it replaces the config's own model and its prompt, and --arg after it
+      # wins; the prompt is set below.
       arg = ','.join(filter(None, [f'model={model}', args.arg]))
       config = config_for(feature, arg)
       from ml_collections import ConfigDict

@@ -241,18 +241,17 @@ def override(c: ConfigDict, changes: dict) -> ConfigDict:
   return c
 
 
-# What each named offline model's runs start from: the prompt it answers best (docs/prompt_study.md:
-# the identifiability of the four built-in features on the training split). An entry may set
-# other keys too; every entry sets the same keys, so naming another model undoes the last.
-# Other sources keep the config's values. The label's start, the model's own guess at the slot
-# (label.init=prior), is the base default: on the offline models it reaches the same or righter
-# labels in fewer steps than a uniform p (docs/results.md, "Starting from the prior"; on
-# Qwen2.5-Coder-0.5B two features, under the plain few-shot prompt).
-MODEL_DEFAULTS = {
-    'default': {'prompt': 'fewshot'},
-    'smollm2-135m': {'prompt': 'fewshot'},
-    'qwen2.5-coder-0.5b': {'prompt': 'fewshot_chat'},
-    'qwen2.5-coder-1.5b': {'prompt': 'question_chat'},
+# The prompt each named offline model answers best (docs/prompt_study.md: the identifiability of
+# the four built-in features on the training split); other sources keep the config's prompt. The
+# label's start, the model's own guess at the slot (label.init=prior), is the base default for
+# every model: on the offline models it reaches the same or righter labels in fewer steps than a
+# uniform p (docs/results.md, "Starting from the prior"; on Qwen2.5-Coder-0.5B two features,
+# under the plain few-shot prompt).
+MODEL_PROMPTS = {
+    'default': 'fewshot',
+    'smollm2-135m': 'fewshot',
+    'qwen2.5-coder-0.5b': 'fewshot_chat',
+    'qwen2.5-coder-1.5b': 'question_chat',
 }
 
 PRESET_ARGS = ('quick', 'two', 'sweep', 'ablation', *PROMPTS)
@@ -265,8 +264,8 @@ def apply_arg(c: ConfigDict, arg: str | None) -> ConfigDict:
   tests and first looks; ``fewshot``, ``fewshot_chat`` and ``rating`` pick the prompt template;
   ``two`` makes the label two tokens; ``sweep`` descends 3 learning rates x 2 restarts together,
   ``ablation`` the entropy and KL weights each on and off (4 rows). ``model=NAME`` sets
-  ``model.source`` and, for a named offline model, its ``MODEL_DEFAULTS`` (the prompt it answers
-  best). Any other ``key=value`` sets a dotted config key, the
+  ``model.source`` and, for a named offline model, the prompt it answers best (``MODEL_PROMPTS``).
+  Any other ``key=value`` sets a dotted config key, the
   value read as the key's type (``optim.lr=0.3``). Arguments apply in order, so a prompt or key
   named after ``model=`` wins.
   """
@@ -276,11 +275,8 @@ def apply_arg(c: ConfigDict, arg: str | None) -> ConfigDict:
       continue
     if a.startswith('model='):
       c.model.source = a.split('=', 1)[1].strip()
-      for key, value in MODEL_DEFAULTS.get(c.model.source, {}).items():
-        if key == 'prompt':
-          c.prompt = ConfigDict(PROMPTS[value])
-        else:
-          override(c, {key: value})
+      if c.model.source in MODEL_PROMPTS:
+        c.prompt = ConfigDict(PROMPTS[MODEL_PROMPTS[c.model.source]])
     elif '=' in a:
       key, value = (s.strip() for s in a.split('=', 1))
       _set_typed(c, key, value)
