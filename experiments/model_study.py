@@ -112,7 +112,7 @@ def identifiability(lm, model: str, prompt: str, feature: str, randoms: int, tra
     labels.append(([i], tok.decode([i]), 'random'))
   scorer = scoring.LabelScorer(lm.model, lm.params, pool.caches, pool.tail_ids,
                                pool.answer_ids, config.loss.answer == 'full',
-                               config.eval.batch_size)
+                               config.eval.batch_size, known=pool.known_margins)
   idx = pool.split(0, True)
   margins = scorer.margins([x[0] for x in labels], pool.slot_of[idx])
   targets = pool.targets[idx]

@@ -364,7 +364,12 @@ def test_contrast_baseline_is_subtracted_from_every_answer():
   assert abs(float(plain['answer_ce']) - float(expected)) > 1e-3
 
 
-def test_contrast_labels_never_include_a_label_the_verdict_scores():
+def test_contrast_labels_are_the_verdicts_random_labels_each_against_the_others():
+  """The verdict's random labels are the first contrast labels; the margins the pool keeps for
+  each (and the scorer returns instead of running it) are its raw margin less the mean of the
+  *other* contrast labels', so no label is compared with a baseline that contains it."""
+  import types
+
   from tokenspace_jax import config_defaults
   from tokenspace_jax.engine import pool, scoring
 
@@ -372,12 +377,43 @@ def test_contrast_labels_never_include_a_label_the_verdict_scores():
     def decode(self, ids):
       return ''.join('abcdefghij'[int(d)] for d in f'{int(ids[0]):04d}')
 
-  allowed = np.ones(400, bool)
+  allowed = np.ones(TINY.vocab_size, bool)
   config = config_defaults.get_base_config()
   for k in (1, 2):
     config.label.num_tokens = k
-    scored = scoring.random_label_tokens(allowed, Words(), config.eval.num_random * k,
-                                         config.seed)
-    contrast = pool.contrast_labels(config, Words(), allowed)
-    assert len(contrast) == config.contrast.labels and all(len(x) == k for x in contrast)
-    assert not set(scored) & {i for x in contrast for i in x}
+    scored = scoring.verdict_random_tokens(config, allowed, Words())
+    for r in (3, config.eval.num_random + 2):
+      config.contrast.labels = r
+      contrast = pool.contrast_labels(config, Words(), allowed)
+      assert len(contrast) == r and all(len(x) == k for x in contrast)
+      flat = [i for x in contrast for i in x]
+      n = min(len(flat), len(scored))
+      assert flat[:n] == scored[:n]  # the same draw, in the same order
+
+  config.label.num_tokens, config.contrast.labels, config.eval.num_random = 1, 4, 3
+  config.eval.batch_size = 8
+  model, params = _tiny()
+  data = _data(model, params, np.array([1, 0] * 6, np.float32), np.arange(12)[None] % 12)
+  lm = types.SimpleNamespace(model=model, params=params, tokenizer=Words())
+  tail, answers = np.asarray(data.tail_ids), np.asarray(data.answer_ids)
+  baseline, known = pool.contrast_baseline(config, lm, data.caches, tail, answers, allowed)
+  labels = pool.contrast_labels(config, Words(), allowed)
+  slots = np.arange(12)
+  raw = scoring.LabelScorer(model, params, data.caches, tail, answers, True, rows=8)
+  m = raw.margins(labels, slots)
+  np.testing.assert_allclose(np.asarray(baseline), m.mean(0), atol=1e-5)
+  contrasted = data.caches.replace(baseline=baseline)
+  plain = scoring.LabelScorer(model, params, contrasted, tail, answers, True, rows=8)
+  reuse = scoring.LabelScorer(model, params, contrasted, tail, answers, True, rows=8,
+                              known=known)
+  other = [[7]] if [7] not in labels else [[9]]
+  got = reuse.margins(labels + other, slots[::2])
+  for j in range(len(labels)):
+    others = np.delete(m, j, axis=0).mean(0)
+    np.testing.assert_allclose(got[j], (m[j] - others)[::2], atol=1e-4)
+  # A label outside the contrast set is run, against the whole baseline.
+  np.testing.assert_allclose(got[-1], plain.margins(other, slots[::2])[0], atol=1e-5)
+  # Against the whole baseline, a contrast label's margin is the same up to a positive factor,
+  # so its AUROC does not depend on which of the two it is scored by.
+  np.testing.assert_allclose(plain.margins(labels, slots) * len(labels) / (len(labels) - 1),
+                             reuse.margins(labels, slots), atol=1e-4)

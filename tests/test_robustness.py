@@ -333,7 +333,8 @@ def test_a_feature_name_out_of_workdirs_creates_nothing(main_records, tmp_path):
 @pytest.mark.parametrize('key, value, message', [
     ('optim.lr', math.inf, 'optim.lr=inf is not a finite number'),
     ('loss.w_kl', math.nan, 'loss.w_kl=nan is not a finite number'),
-    ('label.temperature', 0.0, 'label.temperature=0.0 must be positive')])
+    ('label.temperature', 0.0, 'label.temperature=0.0 must be positive'),
+    ('contrast.labels', 1, 'contrast.labels=1 must be 0 (no contrast) or at least 2')])
 def test_bad_values_are_refused_before_anything_is_written(main_records, batch_records,
                                                            model_dir, tmp_path, key, value,
                                                            message):

@@ -194,6 +194,8 @@ def get_base_config() -> ConfigDict:
   # yes/no margin is taken relative to its mean margin under random labels, in the loss and in
   # every score, so words the model says "yes" to whatever the concept do not decide the label.
   c.contrast = ConfigDict()
+  # The contrast labels are the verdict's first random labels (eval.num_random), each of them
+  # scored against the mean of the others, so the pool computes their margins once for both.
   c.contrast.labels = 8  # random labels averaged per example (0: the raw margins, as the paper)
 
   # Label rows descended together in one run: restarts and a hyperparameter grid.
@@ -403,6 +405,9 @@ def validate(config: ConfigDict, builtin_features=()):
   need('data.positive_fraction', lambda v: 0 < v < 1, 'must be strictly between 0 and 1')
   need('feature.heldout_fraction', lambda v: 0 < v < 1, 'must be strictly between 0 and 1')
   need('eval.confidence', lambda v: 0 < v < 1, 'must be strictly between 0 and 1')
+  need('contrast.labels', lambda v: v != 1,
+       'must be 0 (no contrast) or at least 2 (each random label the verdict scores is compared '
+       'with the mean of the others)')
   need('early_stop.prob', lambda v: v <= 1, 'must be at most 1 (0 or less disables)')
   need('optim.b1', lambda v: 0 <= v < 1, 'must be in [0, 1)')
   need('optim.b2', lambda v: 0 <= v < 1, 'must be in [0, 1)')

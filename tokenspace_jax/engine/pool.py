@@ -86,6 +86,8 @@ class Pool:
   allowed: np.ndarray  # [V] bool
   schedules: np.ndarray  # [F, steps, batch] local slots
   mean_log_priors: jax.Array  # [F, V] log q averaged over each feature's train examples
+  # label ids -> [slots]: the contrast labels' margins, each against the others' baseline
+  known_margins: dict[tuple, np.ndarray]
   mesh: jax.sharding.Mesh | None  # None: one device
   seconds: float
 
@@ -157,15 +159,17 @@ def build_pool(config: ConfigDict, lm: LoadedModel, features: list[Feature],
   allowed = label_lib.allowed_mask(lm.tokenizer, lm.config.vocab_size, config.label.mask_special)
   tail_ids = np.asarray(enc.tail_ids)
   answer_ids = np.asarray([enc.yes_id, enc.no_id], np.int32)
+  known = {}
   if config.contrast.labels:
-    caches = caches.replace(baseline=contrast_baseline(config, lm, caches, tail_ids, answer_ids,
-                                                       allowed, placement))
+    baseline, known = contrast_baseline(config, lm, caches, tail_ids, answer_ids, allowed,
+                                        placement)
+    caches = caches.replace(baseline=baseline)
   pool = Pool(features=list(features), examples=examples, groups=groups, train=train,
               targets=targets, layout=layout, template=template, caches=caches,
               slot_targets=layout.arrange(targets), tail_ids=tail_ids,
               answer_ids=answer_ids, allowed=allowed,
-              schedules=schedules, mean_log_priors=priors, mesh=mesh if on_mesh else None,
-              seconds=0.0)
+              schedules=schedules, mean_log_priors=priors, known_margins=known,
+              mesh=mesh if on_mesh else None, seconds=0.0)
   jax.block_until_ready((caches, priors))  # so the time reported is the work done
   pool.seconds = time.perf_counter() - start
   return pool
@@ -173,29 +177,39 @@ def build_pool(config: ConfigDict, lm: LoadedModel, features: list[Feature],
 
 def contrast_labels(config: ConfigDict, tokenizer, allowed: np.ndarray) -> list[list[int]]:
   """The ``contrast.labels`` random labels (of ``label.num_tokens`` tokens) whose mean margin is
-  each example's baseline: word-like tokens drawn apart from the random labels a verdict is
-  scored against, so no label is ever compared with a baseline that contains it."""
+  each example's baseline. They are the verdict's random labels (``scoring.verdict_random_tokens``
+  draws the same word-like tokens in the same order), followed by more of that draw when there
+  are more contrast labels than ``eval.num_random``."""
   k = config.label.num_tokens
-  rest = allowed.copy()
-  rest[scoring.verdict_random_tokens(config, allowed, tokenizer)] = False
-  ids = scoring.random_label_tokens(rest, tokenizer, config.contrast.labels * k,
-                                    config.seed + 1)
-  return [ids[j:j + k] for j in range(0, len(ids) - k + 1, k)]
+  count = max(config.contrast.labels, config.eval.num_random) * k
+  ids = scoring.random_label_tokens(allowed, tokenizer, count, config.seed)
+  return [ids[j:j + k] for j in range(0, len(ids) - k + 1, k)][:config.contrast.labels]
 
 
 def contrast_baseline(config: ConfigDict, lm: LoadedModel, caches: prefix.PrefixCaches,
                       tail_ids: np.ndarray, answer_ids: np.ndarray, allowed: np.ndarray,
-                      placement=None) -> jax.Array:
-  """[slots] every example's mean yes/no margin under ``contrast_labels``: computed once,
-  with the raw scorer, and placed like the caches."""
+                      placement=None) -> tuple[jax.Array, dict[tuple, np.ndarray]]:
+  """Every example's baseline, [slots] its mean yes/no margin under ``contrast_labels``
+  (computed once, with the raw scorer, and placed like the caches); and each contrast label's
+  margins [slots] against the baseline of the *other* contrast labels, by its ids.
+
+  A label in the baseline is never compared with a baseline that contains it: with R labels of
+  raw margins m_r and β their mean, label r's margin against the mean of the others is
+  m_r − (Rβ − m_r)/(R − 1) = R/(R − 1) · (m_r − β). Those margins are what the verdict's random
+  labels are scored by (``scoring.LabelScorer(known=...)``), so they are not run again.
+  """
   scorer = scoring.LabelScorer(lm.model, lm.params, caches, tail_ids, answer_ids,
                                config.loss.answer == 'full', config.eval.batch_size)
   labels = contrast_labels(config, lm.tokenizer, allowed)
-  baseline = scorer.margins(labels, np.arange(caches.valid.shape[0])).mean(axis=0)
+  raw = scorer.margins(labels, np.arange(caches.valid.shape[0]))  # [R, slots]
+  baseline = raw.mean(axis=0)
+  r = len(labels)
+  known = {scoring.label_key(x): (r / (r - 1)) * (m - baseline)
+           for x, m in zip(labels, raw, strict=True)} if r > 1 else {}
   if placement is None:
-    return jnp.asarray(baseline)
+    return jnp.asarray(baseline), known
   abstract = caches.replace(baseline=jax.ShapeDtypeStruct(baseline.shape, baseline.dtype))
-  return jax.device_put(baseline, placement(abstract).baseline)
+  return jax.device_put(baseline, placement(abstract).baseline), known
 
 
 def _check_context(lm: LoadedModel, enc: prompts.EncodedPrompts, label_tokens: int):

@@ -20,6 +20,7 @@ from tokenspace_jax.engine import scoring
 from tokenspace_jax.engine.loop import NON_FINITE, STATUS_NAMES, STOPPED_EARLY, LoopResult
 from tokenspace_jax.engine.pool import Pool, stratified_pick
 from tokenspace_jax.engine.rows import RowSpec
+from tokenspace_jax.engine.scoring import label_key
 
 TOP = 10  # alternatives of the first position kept in a record
 
@@ -59,10 +60,6 @@ def _split(pool: Pool, idx: np.ndarray) -> scoring.Split:
   return scoring.Split(slots=pool.slot_of[idx], targets=pool.targets[idx],
                        windows=np.array([e.window for e in ex]),
                        activations=np.array([e.activation for e in ex], np.float64))
-
-
-def _key(ids) -> tuple:
-  return tuple(int(i) for i in np.atleast_1d(ids))
 
 
 def _label(ids):
@@ -108,24 +105,25 @@ def score_rows(config: ConfigDict, tokenizer, scorer: scoring.LabelScorer, pool:
         else:
           cands += [int(i) for i in np.argsort(-p[r, 0])[:config.choice.top_k]]
         cands += extra
-      candidates[r] = list({_key(c): c for c in cands}.values())
-    distinct = list({_key(c): c for r in rows for c in candidates[r]}.values())
-    train_auroc = dict(zip(map(_key, distinct),
+      candidates[r] = list({label_key(c): c for c in cands}.values())
+    distinct = list({label_key(c): c for r in rows for c in candidates[r]}.values())
+    train_auroc = dict(zip(map(label_key, distinct),
                            scorer.training_aurocs(distinct, _split(pool, chooser)), strict=True))
-    chosen = {r: (max(candidates[r], key=lambda c: train_auroc[_key(c)])
+    chosen = {r: (max(candidates[r], key=lambda c: train_auroc[label_key(c)])
                   if config.choice.top_k > 0 else candidates[r][0]) for r in rows}
     baselines = baseline_labels(config, tokenizer, pool, f, p.shape[1])
-    labels = list({_key(c): c for r in rows for c in (chosen[r], candidates[r][0])}.values())
+    labels = list({label_key(c): c for r in rows
+                   for c in (chosen[r], candidates[r][0])}.values())
     scored = ([(c, decode(c), 'found') for c in labels] + baselines)
     scores, samples = scorer.score(
         scored, _split(pool, calib), _split(pool, held), resamples=config.eval.bootstrap,
         confidence=config.eval.confidence, seed=config.seed + 4)
-    by_key = {_key(s.token_id): i for i, s in enumerate(scores[:len(labels)])}
+    by_key = {label_key(s.token_id): i for i, s in enumerate(scores[:len(labels)])}
     base_idx = list(range(len(labels), len(scores)))
     positives = int(pool.targets[held].sum())
     for r in rows:
       spec = specs[r]
-      found, own = by_key[_key(chosen[r])], by_key[_key(candidates[r][0])]
+      found, own = by_key[label_key(chosen[r])], by_key[label_key(candidates[r][0])]
       row_scores = [scores[found]] + [scores[i] for i in base_idx]
       verdict = scoring.verdict(row_scores, samples[[found] + base_idx], positives=positives,
                                 negatives=int(len(held) - positives),
@@ -135,15 +133,15 @@ def score_rows(config: ConfigDict, tokenizer, scorer: scoring.LabelScorer, pool:
                        trajectory, train, held, positives)
       record['choice'] = {
           'examples': int(len(chooser)),
-          'changed': _key(chosen[r]) != _key(candidates[r][0]),
+          'changed': label_key(chosen[r]) != label_key(candidates[r][0]),
           'candidates': [{'token': decode(c), 'token_id': _label(c),
-                          'train_auroc': train_auroc.get(_key(c))} for c in candidates[r]]}
+                          'train_auroc': train_auroc.get(label_key(c))} for c in candidates[r]]}
       record['heldout']['scores'] = [s.as_dict() for s in row_scores]
       record['heldout']['descent'] = descent_score
       record['heldout']['verdict'] = verdict
       record['identifiable'] = verdict['identifiable']
       record['verdict'] = verdict['message']
-      record['train_auroc'] = train_auroc[_key(chosen[r])]
+      record['train_auroc'] = train_auroc[label_key(chosen[r])]
       records[r] = record
   return records
 

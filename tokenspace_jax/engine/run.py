@@ -96,6 +96,7 @@ class Descent:
   data: object  # DescentData of every row
   hp: dict
   search: object | None
+  select: object  # select(rows, idx): the rows, data and hp of rows idx (loop.descend)
 
 
 def prepare_descent(config: ConfigDict, lm: LoadedModel, pool: Pool) -> Descent:
@@ -112,13 +113,21 @@ def prepare_descent(config: ConfigDict, lm: LoadedModel, pool: Pool) -> Descent:
   if pool.mesh is not None:
     state, hp = jax.device_put((state, hp), sharding.replicated(pool.mesh))
   step_fn = rows.make_rows_step(objective, optimizer, config.optim.lr, pool.mesh, data)
+
+  def select(state_rows, idx):  # rows ``idx`` alone, for the loop to step once others stopped
+    take = lambda tree: jax.tree.map(lambda x: x[jnp.asarray(idx)], tree)
+    sub, sub_hp = take(state_rows), take(hp)
+    if pool.mesh is not None:
+      sub, sub_hp = jax.device_put((sub, sub_hp), sharding.replicated(pool.mesh))
+    return sub, pool.descent_data(lm.params, [specs[i] for i in idx]), sub_hp
   searcher = None
   if config.search.every > 0 and config.label.num_tokens == 1:
     block = config.data.batch_size // pool.layout.data
     offsets = np.repeat(np.arange(pool.layout.data), block) * pool.layout.n_local
     searcher = search.make_search(objective, config.search.every, config.search.candidates,
                                   offsets)
-  return Descent(specs=specs, step=step_fn, state=state, data=data, hp=hp, search=searcher)
+  return Descent(specs=specs, step=step_fn, state=state, data=data, hp=hp, search=searcher,
+                 select=select)
 
 
 def label_features(config: ConfigDict, lm: LoadedModel, features: list[Feature], *,
@@ -148,7 +157,7 @@ def label_features(config: ConfigDict, lm: LoadedModel, features: list[Feature],
     result = loop.descend(
         d.step, state, data, hp, steps=config.steps, early_stop_prob=config.early_stop.prob,
         patience=config.early_stop.patience, ckpt=ckpt, stop=stop, trajectory=trajectory,
-        decode=decode, search=d.search, progress=progress, name=name)
+        decode=decode, search=d.search, progress=progress, name=name, select=d.select)
   finally:
     if trajectory is not None:
       trajectory.close()
@@ -159,7 +168,7 @@ def label_features(config: ConfigDict, lm: LoadedModel, features: list[Feature],
       label, pool.allowed, config.label.temperature))  # [N, K, V]
   scorer = scoring.LabelScorer(lm.model, lm.params, pool.caches, pool.tail_ids,
                                pool.answer_ids, config.loss.answer == 'full',
-                               config.eval.batch_size)
+                               config.eval.batch_size, known=pool.known_margins)
   records = record.score_rows(config, lm.tokenizer, scorer, pool, specs, result, p,
                               trajectory.records if trajectory is not None else None)
   return Labeled(records=records, specs=specs, pool=pool, loop=result,

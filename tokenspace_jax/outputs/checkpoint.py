@@ -82,10 +82,13 @@ class Checkpointer:
     return None
 
   def save(self, step: int, state, force: bool = False) -> bool:
+    """Saves ``state`` (or what ``state()`` returns, built only when a save is due)."""
     if step in self._manager.all_steps():
       return False  # already on disk (a forced save right after a periodic one)
     if not force and not self._manager.should_save(step):
       return False
+    if callable(state):
+      state = state()
     needed = sum(int(getattr(leaf, 'nbytes', 0)) for leaf in jax.tree.leaves(state))
     try:
       with storage.translated(self.directory, needed):
