@@ -146,6 +146,28 @@ def test_another_word_that_only_matches_an_ignored_reference_also_comes_with_a_c
   assert 'caution' not in itself and itself['message'].startswith('IDENTIFIABLE: ')
 
 
+def test_a_reference_that_clears_zero_but_not_the_margin_still_brings_the_caution():
+  """The classifier uses the concept only when the reference beats the random labels by the
+  margin at the low end of its interval; a lower end just above zero is no such evidence."""
+  rng = np.random.default_rng(0)
+  resamples = 2000
+  def scores_and_samples(ref_gain, spread):
+    means = {'found': 0.72, 'reference': 0.5 + ref_gain, 'random': 0.5}
+    roles = ['found', 'reference'] + ['random'] * 6
+    samples = np.stack([means[r] + spread * rng.normal(size=resamples) for r in roles])
+    scores = [LabelScore(i, f't{i}', role, float(samples[i].mean()), None, 0.5, 0.5, 0.5, {},
+                         0.0) for i, role in enumerate(roles)]
+    return verdict(scores, samples, positives=64, negatives=64)
+  edge = scores_and_samples(0.12, 0.04)
+  low, high = edge['reference_dependence_interval']
+  assert 0 < low < edge['margin'] < edge['reference_dependence']  # the case this is about
+  assert edge['status'] == scoring.IDENTIFIABLE and not edge['reference_uses_concept']
+  assert edge['message'].startswith('IDENTIFIABLE, WITH A CAUTION:')
+  clear = scores_and_samples(0.25, 0.04)
+  assert clear['reference_dependence_interval'][0] > clear['margin']
+  assert clear['reference_uses_concept'] and 'caution' not in clear
+
+
 def test_random_labels_are_word_like_and_as_many_as_asked():
   class Tok:
     def decode(self, ids):

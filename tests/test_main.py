@@ -331,6 +331,34 @@ def test_pool_keeps_each_features_mean_prior_and_drops_the_per_example_rows(tiny
   assert not np.allclose(pool.mean_log_priors[0], pool.mean_log_priors[1])
 
 
+def test_a_row_stepped_alone_steps_as_it_does_among_all(tiny_lm):
+  """``select`` (what the loop steps once other rows have stopped) gives a row its own
+  feature's schedule, prior and hyperparameters: stepped alone it ends where it does beside the
+  others."""
+  import jax
+  import jax.numpy as jnp
+
+  from tokenspace_jax.engine import pool as pool_lib
+  from tokenspace_jax.engine.run import prepare_descent
+  from tokenspace_jax.features import load_synthetic_feature as load_feature
+
+  config = quick_config(**{'sweep.grid': 'optim.lr=0.05,0.3'})
+  pool = pool_lib.build_pool(config, tiny_lm, [load_feature('animal'), load_feature('number')])
+  d = prepare_descent(config, tiny_lm, pool)
+  assert [(s.feature, s.lr) for s in d.specs] == [(0, 0.05), (0, 0.3), (1, 0.05), (1, 0.3)]
+  copy = lambda tree: jax.tree.map(jnp.array, tree)
+  rows = d.state['rows']
+  alone_rows, alone_data, alone_hp = d.select(copy(rows), np.array([2]))
+  together = copy(rows)
+  for _ in range(3):
+    together, _ = d.step(together, d.data, d.hp, jnp.ones(4, bool))
+    alone_rows, _ = d.step(alone_rows, alone_data, alone_hp, jnp.ones(1, bool))
+  for a, b in zip(jax.tree.leaves(together), jax.tree.leaves(alone_rows), strict=True):
+    np.testing.assert_allclose(np.asarray(a)[2:3], np.asarray(b), rtol=1e-5, atol=1e-6)
+  assert not np.allclose(np.asarray(together['label']['logits'][2]),
+                         np.asarray(together['label']['logits'][0]))
+
+
 def test_cache_dtype_keeps_the_pools_caches_in_bfloat16(tiny_lm):
   import jax.numpy as jnp
 

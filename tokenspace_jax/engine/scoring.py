@@ -265,7 +265,8 @@ def random_label_tokens(allowed: np.ndarray, tokenizer, count: int, seed: int) -
 
 def verdict_random_tokens(config, allowed: np.ndarray, tokenizer) -> list[int]:
   """The ids of the ``eval.num_random`` random labels (``label.num_tokens`` ids each, in order)
-  a verdict scores: drawn in one place, so the contrast labels can be drawn apart from them."""
+  a verdict scores: drawn in one place, so the contrast labels are the same draw
+  (``engine.pool.contrast_labels``)."""
   return random_label_tokens(allowed, tokenizer, config.eval.num_random * config.label.num_tokens,
                              config.seed)
 
@@ -377,13 +378,18 @@ def verdict(scores: list[LabelScore], samples: np.ndarray | None = None, *,
     # switch on the classifier (a negation, a token that shifts its yes rate with the word's
     # script) rather than name the feature: the AUROC cannot tell those apart, so the reader is
     # told. "Matches" needs it as much as "beats": a wide interval of the difference is no
-    # evidence that the two words mean the same.
+    # evidence that the two words mean the same. The classifier uses the concept when the
+    # reference beats the random labels by the margin at the low end of its interval: an
+    # interval that merely clears zero leaves the reference's own gain as small as noise (on
+    # SmolLM2's chinese, +0.129 [+0.002, +0.259], and that lower end crossed zero or not with
+    # the draw of the random words).
     ref_dep = samples[r] - random_means(samples[randoms]) if has_samples and randoms else None
     ref_ci = interval(ref_dep, confidence) if ref_dep is not None else None
     ref_point = float(aurocs[r] - random_mean)
     out['reference_dependence'] = ref_point
     out['reference_dependence_interval'] = ref_ci
-    out['reference_uses_concept'] = bool(ref_point >= margin and (ref_ci is None or ref_ci[0] > 0))
+    out['reference_uses_concept'] = bool(ref_point >= margin
+                                         and (ref_ci is None or ref_ci[0] >= margin))
     other_word = list(np.atleast_1d(fs.token_id)) != list(np.atleast_1d(rs.token_id))
     if (status == IDENTIFIABLE and compare != 'is below' and other_word
         and not out['reference_uses_concept']):
