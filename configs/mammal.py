@@ -10,7 +10,7 @@ Runs on Qwen2.5-Coder-1.5B-Instruct with its prompt (the
 `qwen2.5-coder-1.5b` entry of config_defaults.MODEL_PROMPTS): there it finds the paper's own
 ` mamm`, where the embedded SmolLM2-135M finds only the broader ` animal` (docs/results.md,
 "Which model each config uses"). It takes about 16 minutes and 12 GB on 2 CPU cores against
-about 75 seconds on SmolLM2; `model=smollm2-135m` (or `model=qwen2.5-coder-0.5b`) as an
+about 65 seconds on SmolLM2; `model=smollm2-135m` (or `model=qwen2.5-coder-0.5b`) as an
 argument runs it on a smaller offline model with that model's prompt. A
 `--config.model.source=` folder keeps the 1.5B model's prompt; add `:fewshot` for the
 general prompt.
