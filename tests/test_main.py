@@ -65,6 +65,14 @@ def test_run_writes_a_complete_result(tiny_lm, tmp_path, monkeypatch):
   # A finished workdir is reported, not recomputed.
   again = main.run(quick_config(), str(tmp_path), lm=tiny_lm)
   assert again['wall_seconds'] == result['wall_seconds']
+  # The terminal summary: a label the final choice picked is shown with the descent it replaced.
+  for changed in (False, True):
+    shown = {**result, 'choice': {**result['choice'], 'changed': changed},
+             'descent_label': ' other', 'descent_probability': 0.987}
+    first, second = views.summary(shown).splitlines()[:2]
+    assert first.startswith(f"Feature 'animal': label {result['label']!r} (p=")
+    assert ('under the descent' in first) == changed
+    assert ("(descent ended on ' other', p=0.987;" in second) == changed
 
 
 def test_rating_prompt_runs(tiny_lm, tmp_path):

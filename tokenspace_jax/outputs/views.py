@@ -67,11 +67,15 @@ def summary(result: dict) -> str:
   """A few lines for the terminal: the label, the evidence, and the verdict."""
   r = result
   p = f'p={r["probability"]:.3f}' if r.get('probability') is not None else 'p=-'
+  changed = r['choice']['changed']
+  if changed:  # its probability is the descent's, which ended elsewhere (the next line)
+    p += ' under the descent'
   lines = [f'Feature {r["feature"]!r}: label {r["label"]!r} ({p}, {r["steps"]} steps, '
            f'{r.get("wall_seconds", 0):.0f} s)']
-  if r['choice']['changed']:
-    lines.append(f'  (descent ended on {r["descent_label"]!r}; the final choice on training '
-                 f'examples picked {r["label"]!r})')
+  if changed:
+    lines.append(f'  (descent ended on {r["descent_label"]!r}, p='
+                 f'{r["descent_probability"]:.3f}; the final choice on training examples '
+                 f'picked {r["label"]!r})')
   lines.append('  held-out    token                 AUROC  interval          bal.acc  window')
   for s in r['heldout']['scores']:
     lines.append(f'  {s["role"]:<10}  {s["token"]!r:<20} {s["auroc"]:6.3f}  '
