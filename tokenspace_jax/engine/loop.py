@@ -106,7 +106,9 @@ def descend(step_fn, state: dict, data, hp: dict, *, steps: int, early_stop_prob
 
   def reselect():
     nonlocal full, live, sub, sub_data, sub_hp
-    want = live_rows(status) if select is not None else live
+    if select is None:
+      return
+    want = live_rows(status)
     if np.array_equal(want, live):
       return
     full, live = rows_now(), want

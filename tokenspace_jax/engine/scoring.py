@@ -390,7 +390,7 @@ def verdict(scores: list[LabelScore], samples: np.ndarray | None = None, *,
     out['reference_dependence_interval'] = ref_ci
     out['reference_uses_concept'] = bool(ref_point >= margin
                                          and (ref_ci is None or ref_ci[0] >= margin))
-    other_word = list(np.atleast_1d(fs.token_id)) != list(np.atleast_1d(rs.token_id))
+    other_word = label_key(fs.token_id) != label_key(rs.token_id)
     if (status == IDENTIFIABLE and compare != 'is below' and other_word
         and not out['reference_uses_concept']):
       out['caution'] = (f'the reference word itself barely beats the random labels '
