@@ -64,10 +64,10 @@ def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.n
                   out_shardings=None, pad_to: int = 16) -> PrefixCaches:
   """Caches and priors for all examples, computed in jitted chunks of a fixed size.
 
-  The part every prompt shares (``shared_ids``: instructions, few-shot examples) is run once
-  and copied into each chunk's cache; only each example's own tokens are computed per example.
-  The result keeps the shared part once (``shared_k``) and each example's own, left-padded
-  tokens (``k``).
+  The part every prompt shares (``shared_ids``: instructions, few-shot examples) is run once,
+  and each chunk's own tokens attend it as one matrix; only each example's own tokens are
+  computed per example. The result keeps the shared part once (``shared_k``) and each
+  example's own, left-padded tokens (``k``).
 
   Chunks are made of examples of similar length (sorted by their number of own tokens), and each
   runs only as wide as its longest example, rounded up to ``pad_to`` so that a feature compiles
@@ -88,37 +88,37 @@ def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.n
   n, width = prefix_ids.shape
   n_shared = len(shared_ids)
   cache_dtype = cache_dtype or model.dtype
-  capacity = n_shared + width
 
   @jax.jit
   def run_shared(params, ids, cache):
     # The empty cache comes in as an argument: built inside, XLA would constant-fold its zeros
     # through the first layer (seconds of compile time, and a warning, per prompt length).
     _, cache = model.apply({'params': params}, ids[None], cache=cache, return_hidden=True)
-    return cache
+    return cache.k[:, 0], cache.v[:, 0]
 
   @jax.jit
-  def run(params, shared: KVCache, ids, mask):
-    batch, w = ids.shape  # w: this chunk's width, at most the common one
-    grow = lambda x: jnp.broadcast_to(x[:, :, :n_shared + w],
-                                      (x.shape[0], batch, n_shared + w, *x.shape[3:]))
-    cache = KVCache(k=grow(shared.k), v=grow(shared.v), end=shared.end,
-                    valid=jnp.broadcast_to(shared.valid[:, :n_shared + w], (batch, n_shared + w)))
-    hidden, cache = model.apply({'params': params}, ids, input_mask=mask, cache=cache,
-                                return_hidden=True)
+  def run(params, shared_k, shared_v, ids, mask):
+    w = ids.shape[1]  # this chunk's width, at most the common one
+    # Each prompt's own tokens attend the shared part as one matrix for the whole chunk: copying
+    # it into every prompt's cache first made this pass several times slower than its matmuls
+    # (docs/performance.md, "Prefix caches").
+    hidden, own = model.apply({'params': params}, ids, input_mask=mask,
+                              cache=PrefixCache.shared_only(shared_k, shared_v),
+                              return_hidden=True)
     logits = model.apply({'params': params}, hidden[:, -1], method=Llama.logits)
     # Back to the common width, right-aligned as the left-padded prompts are.
-    own = lambda x: jnp.pad(x[:, :, n_shared:], ((0, 0), (0, 0), (width - w, 0), (0, 0), (0, 0)))
-    valid = jnp.pad(cache.valid[:, n_shared:], ((0, 0), (width - w, 0)))
-    store = lambda x: own(x).astype(cache_dtype)
-    return store(cache.k), store(cache.v), valid, jax.nn.log_softmax(logits, axis=-1)
+    store = lambda x: jnp.pad(x, ((0, 0), (0, 0), (width - w, 0), (0, 0), (0, 0))).astype(
+        cache_dtype)
+    valid = jnp.pad(own.valid, ((0, 0), (width - w, 0)))
+    return store(own.k), store(own.v), valid, jax.nn.log_softmax(logits, axis=-1)
 
   # Computed in the activation dtype throughout; only what is kept is cast to ``cache_dtype``.
-  empty = KVCache.empty(model.config, 1, capacity, model.dtype)
-  shared = run_shared(params, jnp.asarray(shared_ids), empty) if n_shared else empty
-  first = lambda x: x[:, 0, :n_shared].astype(cache_dtype) if n_shared else None
-  shared_k, shared_v = first(shared.k), first(shared.v)
-  writer = _ShardedWriter(n, shared_k, shared_v, out_shardings)
+  shared_k = shared_v = None
+  if n_shared:
+    empty = KVCache.empty(model.config, 1, n_shared, model.dtype)
+    shared_k, shared_v = run_shared(params, jnp.asarray(shared_ids), empty)
+  writer = _ShardedWriter(n, *(None if x is None else x.astype(cache_dtype)
+                               for x in (shared_k, shared_v)), out_shardings)
   lengths = np.asarray(prefix_mask).sum(axis=1)
   order = np.argsort(-lengths, kind='stable')
   for start in range(0, n, chunk):
@@ -127,7 +127,7 @@ def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.n
       rows = np.concatenate([rows, np.repeat(rows[-1:], chunk - len(rows))])
     w = min(width, max(pad_to, -(-int(lengths[rows].max()) // pad_to) * pad_to))
     ids, mask = prefix_ids[rows, width - w:], prefix_mask[rows, width - w:]
-    writer.write(rows, run(params, shared, ids, mask))
+    writer.write(rows, run(params, shared_k, shared_v, ids, mask))
   return writer.result()
 
 

@@ -53,14 +53,30 @@ class PrefixCache(flax.struct.PyTreeNode):
   examples' own tokens are gathered.
 
   A new block attends [shared | own | itself]; nothing is written, so the model returns no cache.
+  The one exception is a cache of shared tokens only (``k`` None, see ``shared_only``): the block
+  run on it is the prompts' own tokens, and it comes back as their own part (``append``). That is
+  how the prefix pass computes every prompt's own keys and values against the shared part held
+  once, rather than copied into each prompt's cache.
   """
 
   shared_k: jax.Array | None  # [layers, S, kv_heads, head_dim]: the tokens all prompts share
   shared_v: jax.Array | None
-  k: jax.Array  # [layers, examples, W, kv_heads, head_dim]: each prompt's own tokens, left-padded
-  v: jax.Array
-  valid: jax.Array  # [batch, W] bool: the own slots of each batch row that hold real tokens
-  rows: jax.Array  # [batch] int32: the example (index into ``k``'s second axis) of each row
+  # [layers, examples, W, kv_heads, head_dim]: each prompt's own tokens, left-padded; None in a
+  # cache of shared tokens only, with ``valid`` and ``rows`` None too.
+  k: jax.Array | None
+  v: jax.Array | None
+  valid: jax.Array | None  # [batch, W] bool: the own slots of each batch row that hold real tokens
+  rows: jax.Array | None  # [batch] int32: the example (index into ``k``'s second axis) of each row
+
+  @classmethod
+  def shared_only(cls, shared_k: jax.Array | None, shared_v: jax.Array | None) -> PrefixCache:
+    """The tokens every prompt shares, ready to have each prompt's own tokens run on top."""
+    return cls(shared_k=shared_k, shared_v=shared_v, k=None, v=None, valid=None, rows=None)
+
+  @property
+  def appends(self) -> bool:
+    """Whether a block run on this cache comes back as the cache's own part (see ``append``)."""
+    return self.k is None
 
   @property
   def shared_length(self) -> int:
@@ -68,8 +84,17 @@ class PrefixCache(flax.struct.PyTreeNode):
 
   @property
   def lengths(self) -> jax.Array:
-    """Number of real tokens per batch row; the next token's RoPE position."""
+    """Number of real tokens per batch row ([] without own tokens); the next RoPE position."""
+    if self.valid is None:
+      return jnp.asarray(self.shared_length, jnp.int32)
     return self.shared_length + self.valid.sum(axis=1, dtype=jnp.int32)
+
+  def append(self, k: jax.Array, v: jax.Array, mask: jax.Array) -> PrefixCache:
+    """A shared-only cache with the block (k, v: [layers, batch, T, ...]) as its own tokens."""
+    if not self.appends:
+      raise ValueError('Only a cache of shared tokens only takes a block as its own part.')
+    return PrefixCache(shared_k=self.shared_k, shared_v=self.shared_v, k=k, v=v, valid=mask,
+                       rows=jnp.arange(mask.shape[0], dtype=jnp.int32))
 
   def own_layer(self, layer: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Keys and values [batch, W, kv_heads, head_dim] of the batch's own tokens in ``layer``."""

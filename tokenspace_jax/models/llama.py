@@ -11,6 +11,7 @@ rotate-half layout with cos/sin cast to the activation dtype, the head in the ac
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -61,14 +62,39 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def _attend_scores(q, keys, acc):
-  """q [b, t, kv, group, d] against keys [b, s, kv, d] (per row) or [s, kv, d] (shared)."""
-  spec = 'bskd' if keys.ndim == 4 else 'skd'
-  return jnp.einsum(f'btkgd,{spec}->bkgts', q, keys.astype(q.dtype), preferred_element_type=acc)
+  """Scores [kv, b, t, group, s] of queries q [kv, b, t, group, d] against one block of keys:
+  [b, s, kv, d] (each row its own) or [s, kv, d] (one block for the whole batch).
+
+  A shared block is one [b·t·group, d] x [d, s] matmul per kv head: the layout XLA:CPU runs near
+  its matmul rate, where an einsum that keeps the batch axes in place runs several times slower
+  (experiments/benchmark_attention.py).
+  """
+  kv, b, t, g, d = q.shape
+  if keys.ndim == 3:
+    k_t = jnp.transpose(keys, (1, 2, 0)).astype(q.dtype)  # [kv, d, s]
+    flat = jnp.matmul(q.reshape(kv, b * t * g, d), k_t, preferred_element_type=acc)
+    return flat.reshape(kv, b, t, g, keys.shape[0])
+  return jnp.einsum('kbtgd,bskd->kbtgs', q, keys.astype(q.dtype), preferred_element_type=acc)
 
 
 def _attend_values(probs, values):
-  spec = 'bskd' if values.ndim == 4 else 'skd'
-  return jnp.einsum(f'bkgts,{spec}->btkgd', probs, values.astype(probs.dtype))
+  """Outputs [kv, b, t, group, d] of probabilities [kv, b, t, group, s] over one block."""
+  kv, b, t, g, s = probs.shape
+  if values.ndim == 3:
+    v_k = jnp.transpose(values, (1, 0, 2)).astype(probs.dtype)  # [kv, s, d]
+    return jnp.matmul(probs.reshape(kv, b * t * g, s), v_k).reshape(kv, b, t, g, -1)
+  return jnp.einsum('kbtgs,bskd->kbtgd', probs, values.astype(probs.dtype))
+
+
+def _block_softmax(scores: list[jax.Array]) -> list[jax.Array]:
+  """The softmax over the last axis of the blocks' scores joined, returned block by block.
+
+  Equal to splitting ``softmax(concatenate(scores))``, without writing the concatenation.
+  """
+  top = functools.reduce(jnp.maximum, [s.max(axis=-1, keepdims=True) for s in scores])
+  exps = [jnp.exp(s - top) for s in scores]
+  inverse = 1 / sum(e.sum(axis=-1, keepdims=True) for e in exps)
+  return [e * inverse for e in exps]
 
 
 class Attention(nn.Module):
@@ -89,30 +115,30 @@ class Attention(nn.Module):
     q, k, v = qkv(c.num_heads, 'q'), qkv(c.num_kv_heads, 'k'), qkv(c.num_kv_heads, 'v')
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-    # Grouped-query attention without repeating K/V: queries are [b, t, kv_heads, group, d].
+    # Grouped-query attention without repeating K/V: queries are [kv_heads, b, t, group, d].
     acc = _accumulation_dtype(self.dtype)
     group = c.num_heads // c.num_kv_heads
     q = q.reshape(b, t, c.num_kv_heads, group, c.head_dim) * (c.head_dim ** -0.5)
-    # Blocks of keys, values and their mask [b, 1, 1, t, s] (None: all valid), all earlier than
-    # the new tokens but the last. Each is read in place: nothing is concatenated but the scores.
+    q = jnp.transpose(q, (2, 0, 1, 3, 4))
+    # Blocks of keys, values and their mask [b, t or 1, s] (None: all valid), all earlier than
+    # the new tokens but the last. Each is read in place: nothing is concatenated.
     blocks = []
     if isinstance(cache, KVCache):
-      blocks.append((cache.k[layer], cache.v[layer], cache.valid[:, None, None, None, :]))
+      blocks.append((cache.k[layer], cache.v[layer], cache.valid[:, None, :]))
     elif isinstance(cache, PrefixCache):
       if cache.shared_k is not None:  # one [S, kv, d] matrix for the whole batch
         blocks.append((cache.shared_k[layer], cache.shared_v[layer], None))
-      own_k, own_v = cache.own_layer(layer)
-      blocks.append((own_k, own_v, cache.valid[:, None, None, None, :]))
+      if cache.k is not None:
+        own_k, own_v = cache.own_layer(layer)
+        blocks.append((own_k, own_v, cache.valid[:, None, :]))
     causal = jnp.tril(jnp.ones((t, t), bool))
-    blocks.append((k, v, causal[None, None, None] & input_mask[:, None, None, None, :]))
+    blocks.append((k, v, causal[None] & input_mask[:, None, :]))
     scores = [_attend_scores(q, keys, acc) for keys, _, _ in blocks]
-    scores = [s if m is None else jnp.where(m, s, _MASKED)
+    scores = [s if m is None else jnp.where(m[None, :, :, None, :], s, _MASKED)
               for s, (_, _, m) in zip(scores, blocks, strict=True)]
-    widths = np.cumsum([0] + [s.shape[-1] for s in scores])
-    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(self.dtype)
-    out = sum(_attend_values(probs[..., lo:hi], values)
-              for lo, hi, (_, values, _) in zip(widths[:-1], widths[1:], blocks, strict=True))
-    out = out.reshape(b, t, c.num_heads * c.head_dim)
+    probs = [p.astype(self.dtype) for p in _block_softmax(scores)]
+    out = sum(_attend_values(p, values) for p, (_, values, _) in zip(probs, blocks, strict=True))
+    out = jnp.transpose(out, (1, 2, 0, 3, 4)).reshape(b, t, c.num_heads * c.head_dim)
     return dense(c.hidden_size, 'o')(out), (k, v)
 
 
@@ -146,8 +172,13 @@ class Block(nn.Module):
         RMSNorm(eps, name='attn_norm', **kw)(x), cos, sin, input_mask, layer, cache)
     x = x + h
     x = x + MLP(self.config, name='mlp', **kw)(RMSNorm(eps, name='mlp_norm', **kw)(x))
-    # Only a KVCache is appended to; stacking the new keys otherwise would cost a write per layer.
-    return x, (new_kv if isinstance(cache, KVCache) else None)
+    # Only a cache that is appended to gets the new keys: stacking them otherwise would cost a
+    # write per layer.
+    return x, (new_kv if _appends(cache) else None)
+
+
+def _appends(cache) -> bool:
+  return isinstance(cache, KVCache) or (isinstance(cache, PrefixCache) and cache.appends)
 
 
 class Llama(nn.Module):
@@ -194,13 +225,14 @@ class Llama(nn.Module):
         counting only unmasked inputs (so left padding gets positions 0.. for real tokens).
       input_mask: [batch, T] bool, False for padding; default all True.
       cache: the keys/values of earlier tokens: a KVCache (the block is appended at
-        ``cache.end``) or a read-only PrefixCache (the block is attended, not stored).
+        ``cache.end``) or a read-only PrefixCache (the block is attended, not stored; a
+        shared-only PrefixCache comes back with the block as its own tokens).
       readout_ids: [R] vocabulary ids; logits only for these rows (e.g. the answer tokens).
       return_hidden: return the final-normed hidden states instead of logits.
 
     Returns:
       (logits [batch, T, vocab or R] in float32 (float64 for a float64 model), or hidden
-      [batch, T, hidden]; the new KVCache, or None unless a KVCache was given).
+      [batch, T, hidden]; the cache with the block appended, or None for a read-only one).
     """
     if (tokens is None) == (embeddings is None):
       raise ValueError('Pass exactly one of tokens and embeddings.')
@@ -210,13 +242,13 @@ class Llama(nn.Module):
     if input_mask is None:
       input_mask = jnp.ones((b, t), bool)
     if positions is None:
-      start = cache.lengths[:, None] if cache is not None else 0
+      start = jnp.reshape(cache.lengths, (-1, 1)) if cache is not None else 0
       positions = jnp.maximum(start + jnp.cumsum(input_mask, axis=1, dtype=jnp.int32) - 1, 0)
     cos, sin = rope_angles(self.config, positions, _accumulation_dtype(self.dtype))
     layer = jnp.arange(self.config.num_layers, dtype=jnp.int32)
     x, new_kv = self.layers(x, layer, cos, sin, input_mask, cache)
     hidden = self.final_norm(x)
-    new_cache = cache.append(*new_kv, input_mask) if isinstance(cache, KVCache) else None
+    new_cache = cache.append(*new_kv, input_mask) if _appends(cache) else None
     if return_hidden:
       return hidden, new_cache
     return self.logits(hidden, readout_ids), new_cache
