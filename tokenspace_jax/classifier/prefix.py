@@ -100,8 +100,7 @@ def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.n
   def run(params, shared_k, shared_v, ids, mask):
     w = ids.shape[1]  # this chunk's width, at most the common one
     # Each prompt's own tokens attend the shared part as one matrix for the whole chunk: copying
-    # it into every prompt's cache first made this pass several times slower than its matmuls
-    # (docs/performance.md, "Prefix caches").
+    # it into every prompt's cache first cost a broadcast and a write of it per chunk.
     hidden, own = model.apply({'params': params}, ids, input_mask=mask,
                               cache=PrefixCache.shared_only(shared_k, shared_v),
                               return_hidden=True)
