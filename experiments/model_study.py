@@ -51,6 +51,10 @@ CLOSE_LANGUAGE_SHOTS = (('Het huis is groot en oud.', 'huis', 'Dutch', True),
                         ('Ella vive en Sevilla.', 'vive', 'Portuguese', False))
 
 
+USAGE_SYSTEM = ('Answer Yes or No. Judge the word as it is used in its text: by what it means '
+                'there, and by the language that text is written in, not by its spelling alone.')
+
+
 def candidate_prompts() -> dict:
   from tokenspace_jax import config_defaults as d
 
@@ -69,7 +73,14 @@ def candidate_prompts() -> dict:
           'fewshot_lang_match_chat': dict(d.FEWSHOT_CHAT_PROMPT, few_shot=shots, system=matches),
           # question_chat with the close-language pairs after its own language examples.
           'question_close_chat': dict(d.QUESTION_CHAT_PROMPT, few_shot=with_shots(
-              d.LANGUAGE_EXAMPLES + CLOSE_LANGUAGE_SHOTS))}
+              d.LANGUAGE_EXAMPLES + CLOSE_LANGUAGE_SHOTS)),
+          # question_chat told to judge the word in its text, language included: asked about a
+          # bare word, Qwen2.5-Coder-1.5B calls Japanese 東京 "a Chinese word" (it is written in
+          # Chinese characters) though it names the text's language right.
+          'question_usage_chat': dict(d.QUESTION_CHAT_PROMPT, system=USAGE_SYSTEM),
+          'question_usage_close_chat': dict(d.QUESTION_CHAT_PROMPT, system=USAGE_SYSTEM,
+                                            few_shot=with_shots(d.LANGUAGE_EXAMPLES
+                                                                + CLOSE_LANGUAGE_SHOTS))}
 
 
 def config_for(feature: str, arg: str = '', **changes):

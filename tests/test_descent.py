@@ -417,3 +417,43 @@ def test_contrast_labels_are_the_verdicts_random_labels_each_against_the_others(
   # so its AUROC does not depend on which of the two it is scored by.
   np.testing.assert_allclose(plain.margins(labels, slots) * len(labels) / (len(labels) - 1),
                              reuse.margins(labels, slots), atol=1e-4)
+
+
+def test_the_step_says_whether_the_candidate_set_changed():
+  """``settled`` is True exactly when the update leaves the ``candidates`` most probable tokens
+  of every position the same set (their order may change)."""
+  model, params = _tiny()
+  targets = np.array([1, 0] * 4, np.float32)
+  data = _data(model, params, targets, np.arange(8)[None])
+  objective = Objective(model, LossWeights(1.0, 0.0, 0, 0.0))
+  rng = np.random.default_rng(0)
+  seen = set()
+  for lr in (1e-6, 3.0):
+    optimizer = descent.make_optimizer(ConfigDict(dict(name='adam', lr=lr, b1=0.9, b2=0.999)))
+    label = {'logits': jnp.asarray(rng.normal(size=(2, TINY.vocab_size)), jnp.float32),
+             'answer_bias': jnp.zeros(())}
+    top = lambda lab: [set(np.argsort(-np.asarray(row))[:6].tolist())
+                       for row in objective.log_p(lab, data.allowed)]
+    before = top(label)
+    step = descent.make_step(objective, optimizer, candidates=6)
+    new, metrics = step(descent.init_state(label, optimizer), data)
+    same = top(new['label']) == before
+    assert bool(metrics['settled']) == same
+    seen.add(same)
+  assert seen == {True, False}
+
+
+def test_a_two_token_label_settles_only_with_the_same_most_probable_tokens():
+  """A two-token label's candidates vary one position around the other's most probable token,
+  so a swap of the top two at one position changes them; for one token it does not."""
+  import types
+  objective = types.SimpleNamespace(log_p=lambda label, allowed: jax.nn.log_softmax(
+      label['logits'], axis=-1))
+  allowed = jnp.ones(6, bool)
+  a, b, c = [5., 4., 0., 0., 0., 1.], [4., 5., 0., 0., 0., 1.], [0., 0., 3., 0., 0., 1.]
+  same = lambda x, y: bool(descent._same_candidates(
+      objective, {'logits': jnp.asarray(x)}, {'logits': jnp.asarray(y)}, allowed, 2))
+  assert same([a], [b])  # one token: the same two candidates
+  assert not same([a, c], [b, c])  # two tokens: position 1's candidates now follow token 1
+  assert same([a, c], [[10., 4., 0., 0., 0., 1.], c])
+  assert not same([a], [c])

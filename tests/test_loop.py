@@ -94,3 +94,51 @@ def test_a_resumed_run_steps_with_the_same_shapes(cut):
   assert first + second == straight
   for a, b in zip(jax.tree.leaves(whole.state), jax.tree.leaves(rest.state), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+SETTLES = np.array([4, 1, 3, 7, 2])  # the step from which each row's candidates stop changing
+
+
+def _settling_step():
+  """A row's step that never gets confident; its candidate set is unchanged from SETTLES on,
+  except at step 6 for row 2 (a new token entered), which must restart that row's count."""
+  @jax.jit
+  def step(rows, data, hp, active):
+    new_step = jnp.where(active, rows['step'] + 1, rows['step'])
+    settled = (new_step > data['settle']) & ~((new_step == 6) & (data['row'] == 2))
+    n = rows['step'].shape[0]
+    return ({'x': rows['x'], 'step': new_step},
+            {'ok': jnp.ones(n, bool), 'loss': jnp.zeros(n), 'settled': settled,
+             'label_p': jnp.zeros((n, 1))})
+  return step
+
+
+def _settle(state, steps=40, patience=3):
+  data = {'settle': jnp.asarray(SETTLES), 'row': jnp.arange(5)}
+  take = lambda tree, idx: jax.tree.map(lambda x: x[jnp.asarray(idx)], tree)
+  select = lambda rows, idx: (take(rows, idx), take(data, idx), take(HP, idx))
+  return loop.descend(_settling_step(), state, data, HP, steps=steps, early_stop_prob=0.0,
+                      patience=1, settle_patience=patience, ckpt=NoCheckpoints(),
+                      stop=StopFlag(), select=select)
+
+
+def test_a_row_whose_candidates_stay_the_same_stops_settled():
+  result = _settle(_state())
+  assert result.status.tolist() == [loop.SETTLED] * 5
+  # Settled from step SETTLES + 1 on, stopped after 3 such steps; row 2's count (steps 4, 5)
+  # restarted at 6, so it stops after steps 7, 8, 9.
+  expected = SETTLES + 3
+  expected[2] = 9
+  assert np.asarray(result.state['rows']['step']).tolist() == expected.tolist()
+  # Disabled (patience 0), nothing stops before the last step.
+  off = _settle(_state(), steps=12, patience=0)
+  assert off.status.tolist() == [loop.RUNNING] * 5
+  assert np.asarray(off.state['rows']['step']).tolist() == [12] * 5
+
+
+@pytest.mark.parametrize('cut', [2, 5, 7])
+def test_a_resumed_run_keeps_its_settled_count(cut):
+  whole = _settle(_state())
+  rest = _settle(_settle(_state(), steps=cut).state)
+  for a, b in zip(jax.tree.leaves(whole.state), jax.tree.leaves(rest.state), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -502,3 +502,16 @@ def test_a_bom_is_accepted_and_negative_activations_warned_once(finished_batch, 
   assert first['text'] in {e.text for e in animal.train + animal.heldout}
   negative = [w for w in warnings if 'negative' in w]
   assert len(negative) == 1 and 'activations are negative' in negative[0]
+
+
+def test_settling_on_no_candidates_is_refused_in_one_line():
+  """early_stop.settled waits for the final choice's candidates; with no choice it would never
+  stop a row, so it is refused naming both keys."""
+  c = config_defaults.get_base_config()
+  c.feature.name = 'animal'
+  c.early_stop.settled = 10
+  config_defaults.validate(c)  # the default choice: accepted
+  c.choice.top_k = 0
+  with pytest.raises(ConfigValueError) as err:
+    config_defaults.validate(c)
+  assert 'choice.top_k is 0' in _one_line(err) and 'early_stop.settled=0' in _one_line(err)

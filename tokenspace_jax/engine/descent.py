@@ -52,8 +52,16 @@ def init_state(label: dict, optimizer: optax.GradientTransformation) -> dict:
   return {'label': label, 'opt_state': optimizer.init(label), 'step': jnp.zeros((), jnp.int32)}
 
 
-def make_step(objective: Objective, optimizer: optax.GradientTransformation, top_k: int = 5):
-  """``step(state, data) -> (state, metrics)``, jitted with the state donated."""
+def make_step(objective: Objective, optimizer: optax.GradientTransformation, top_k: int = 5,
+              candidates: int = 0):
+  """``step(state, data) -> (state, metrics)``, jitted with the state donated.
+
+  With ``candidates`` > 0 the metrics say whether the step left the final choice's candidate
+  set alone (``settled``): the ``candidates`` most probable tokens of every label position,
+  compared before and after the update as sets. The choice scores each candidate exactly,
+  whatever its probability, so once that set stops changing, more steps only matter if they
+  would bring a new token into it.
+  """
 
   def step(state, data: DescentData):
     t = state['step']
@@ -72,8 +80,25 @@ def make_step(objective: Objective, optimizer: optax.GradientTransformation, top
     new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
     p = jnp.exp(objective.log_p(label, data.allowed))  # [K, V]
     top_p, top_ids = jax.lax.top_k(p[0], top_k)
-    return new, {**metrics, 'ok': ok, 'top_ids': top_ids, 'top_p': top_p,
-                 'label_ids': jnp.argmax(p, axis=-1), 'label_p': jnp.max(p, axis=-1),
-                 'answer_bias': label['answer_bias']}
+    out = {**metrics, 'ok': ok, 'top_ids': top_ids, 'top_p': top_p,
+           'label_ids': jnp.argmax(p, axis=-1), 'label_p': jnp.max(p, axis=-1),
+           'answer_bias': label['answer_bias']}
+    if candidates:
+      out['settled'] = ok & _same_candidates(objective, state['label'], label, data.allowed,
+                                             candidates)
+    return new, out
 
   return jax.jit(step, donate_argnums=(0,))
+
+
+def _same_candidates(objective: Objective, before: dict, after: dict, allowed: jax.Array,
+                     k: int) -> jax.Array:
+  """Whether labels ``before`` and ``after`` give the final choice the same candidates: the same
+  set of ``k`` most probable tokens at every position and, for a label of several tokens (whose
+  candidates vary one position around the others' most probable tokens), the same argmax."""
+  def top(label):
+    log_p = objective.log_p(label, allowed)  # orders tokens as p does
+    return jnp.sort(jax.lax.top_k(log_p, k)[1], axis=-1), jnp.argmax(log_p, axis=-1)
+  (set_a, arg_a), (set_b, arg_b) = top(before), top(after)
+  same = jnp.all(set_a == set_b)
+  return same & jnp.all(arg_a == arg_b) if arg_a.shape[0] > 1 else same

@@ -1,12 +1,14 @@
 """The one descent loop: every label row of a run, stepped until each has stopped.
 
 A row is running, stopped early (its label's weakest position held ``early_stop.prob`` for
-``early_stop.patience`` steps), or non-finite (its loss or update stopped being finite: the step
-kept its last good state, and the row stops there; its record says why). Rows that stopped are
-left as they are while the others go on; given ``select``, the step then runs on a smaller set
-of rows (``live_rows``), so a row that stopped early stops costing steps. The whole loop state
-(the rows, their status and early-stop streaks, the step) is what a checkpoint holds, so a run
-killed at any point resumes exactly where it was, an early stop included.
+``early_stop.patience`` steps), settled (the final choice's candidates, the most probable tokens,
+stayed the same set for ``early_stop.settled`` steps), or non-finite (its loss or update stopped
+being finite: the step kept its last good state, and the row stops there; its record says why).
+Rows that stopped are left as they are while the others go on; given ``select``, the step then
+runs on a smaller set of rows (``live_rows``), so a row that stopped early stops costing steps.
+The whole loop state (the rows, their status and early-stop streaks, the step) is what a
+checkpoint holds, so a run killed at any point resumes exactly where it was, an early stop
+included.
 
 SIGTERM or Ctrl-C (a preemption) sets a flag; the loop finishes the step in flight, writes a
 checkpoint and raises ``RunInterrupted``, and rerunning the same command resumes.
@@ -27,8 +29,9 @@ from tokenspace_jax.outputs.checkpoint import Checkpointer, StopFlag
 
 log = logging.getLogger('tokenspace_jax')
 
-RUNNING, STOPPED_EARLY, NON_FINITE = 0, 1, 2
-STATUS_NAMES = {RUNNING: 'finished', STOPPED_EARLY: 'stopped early', NON_FINITE: 'non-finite'}
+RUNNING, STOPPED_EARLY, NON_FINITE, SETTLED = 0, 1, 2, 3
+STATUS_NAMES = {RUNNING: 'finished', STOPPED_EARLY: 'stopped early', NON_FINITE: 'non-finite',
+                SETTLED: 'settled'}
 
 # Per-row metrics written to the trajectory, beside the step, the label and its top tokens.
 TRAJECTORY_TERMS = ('loss', 'answer_ce', 'entropy', 'kl', 'w_entropy', 'batch_accuracy',
@@ -47,8 +50,8 @@ def initial_state(rows: dict) -> dict:
   """The loop state around the stacked row states ``rows`` (leading axis: the rows)."""
   n = rows['step'].shape[0]
   return {'rows': rows, 'status': jnp.full(n, RUNNING, jnp.int32),
-          'streak': jnp.zeros(n, jnp.int32), 'bad_loss': jnp.zeros(n, jnp.float32),
-          't': jnp.zeros((), jnp.int32)}
+          'streak': jnp.zeros(n, jnp.int32), 'settled': jnp.zeros(n, jnp.int32),
+          'bad_loss': jnp.zeros(n, jnp.float32), 't': jnp.zeros((), jnp.int32)}
 
 
 def live_rows(status: np.ndarray) -> np.ndarray:
@@ -75,7 +78,7 @@ class LoopResult:
 
 
 def descend(step_fn, state: dict, data, hp: dict, *, steps: int, early_stop_prob: float,
-            patience: int, ckpt: Checkpointer, stop: StopFlag,
+            patience: int, ckpt: Checkpointer, stop: StopFlag, settle_patience: int = 0,
             trajectory=None, decode: Callable[[tuple], str] | None = None,
             search: Callable | None = None, progress: bool = False,
             name: str = '', select: Callable | None = None) -> LoopResult:
@@ -86,11 +89,14 @@ def descend(step_fn, state: dict, data, hp: dict, *, steps: int, early_stop_prob
   step ``t`` and returns the rows, changed where it found a better token (``engine.search``).
   ``select(rows, idx)`` returns the rows, data and hyperparameters of rows ``idx`` alone; with
   it the step runs on ``live_rows`` only, and the other rows wait, unchanged, in the full state.
+  ``settle_patience`` > 0 (the step must report ``settled``) also stops a row whose candidate set
+  has not changed for that many steps.
   """
   from tqdm import tqdm
 
   status = np.array(state['status'])
   streak = np.array(state['streak'])
+  settled = np.array(state['settled'])
   bad_loss = np.array(state['bad_loss'])
   t = int(state['t'])
   n = len(status)
@@ -115,7 +121,8 @@ def descend(step_fn, state: dict, data, hp: dict, *, steps: int, early_stop_prob
     sub, sub_data, sub_hp = ((full, data, hp) if len(live) == n else select(full, live))
 
   pack = lambda: {'rows': rows_now(), 'status': jnp.asarray(status),
-                  'streak': jnp.asarray(streak), 'bad_loss': jnp.asarray(bad_loss),
+                  'streak': jnp.asarray(streak), 'settled': jnp.asarray(settled),
+                  'bad_loss': jnp.asarray(bad_loss),
                   't': jnp.asarray(t, jnp.int32)}
   reselect()  # a resumed run's stopped rows
   records = trajectory.records if trajectory is not None else []
@@ -139,6 +146,9 @@ def descend(step_fn, state: dict, data, hp: dict, *, steps: int, early_stop_prob
       status[failed] = NON_FINITE
       if early_stop_prob > 0:
         status[running & m['ok'] & (streak >= patience)] = STOPPED_EARLY
+      if settle_patience > 0:
+        settled = np.where(running & m['settled'], settled + 1, 0)
+        status[running & m['ok'] & (status == RUNNING) & (settled >= settle_patience)] = SETTLED
       if failed.any():
         log.warning('%sRows %s: the loss became non-finite at step %d; they stop there, at '
                     'their last good state.', f'{name}: ' if name else '',

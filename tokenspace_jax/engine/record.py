@@ -17,7 +17,7 @@ from ml_collections import ConfigDict
 
 from tokenspace_jax.classifier import label as label_lib
 from tokenspace_jax.engine import scoring
-from tokenspace_jax.engine.loop import NON_FINITE, STATUS_NAMES, STOPPED_EARLY, LoopResult
+from tokenspace_jax.engine.loop import NON_FINITE, SETTLED, STATUS_NAMES, STOPPED_EARLY, LoopResult
 from tokenspace_jax.engine.pool import Pool, stratified_pick
 from tokenspace_jax.engine.rows import RowSpec
 from tokenspace_jax.engine.scoring import label_key
@@ -167,7 +167,7 @@ def _record(spec, r, pool, f, p, chosen, own, decode, status, steps, trajectory,
                       for i in np.argsort(-p[r, k])[:5]] for k in range(p.shape[1])]
                     if p.shape[1] > 1 else None),
       'status': STATUS_NAMES[int(status[r])], 'steps': int(steps[r]),
-      'stopped_early': int(status[r]) == STOPPED_EARLY, 'steps_to_p90': p90,
+      'stopped_early': int(status[r]) in (STOPPED_EARLY, SETTLED), 'steps_to_p90': p90,
       'final_losses': {k: last.get(k) for k in ('loss', 'answer_ce', 'entropy', 'kl',
                                                 'answer_bias')},
       'heldout': {'examples': int(len(held)), 'positives': positives},

@@ -92,7 +92,7 @@ def _scaled(optimizer: optax.GradientTransformation, factor) -> optax.GradientTr
 
 def make_rows_step(objective: Objective, optimizer: optax.GradientTransformation, base_lr: float,
                    mesh: jax.sharding.Mesh | None = None, data: DescentData | None = None,
-                   top_k: int = 5):
+                   top_k: int = 5, candidates: int = 0):
   """``step(state, data, hp, active) -> (state, metrics)``, jitted, the state donated.
 
   ``state`` is ``init_rows``'s; ``data`` a ``DescentData`` whose ``schedule`` is [N, steps,
@@ -101,7 +101,8 @@ def make_rows_step(objective: Objective, optimizer: optax.GradientTransformation
   are left exactly as they were. Metrics have a leading [N] axis.
 
   On a mesh with more than one device, ``data`` (arrays or shape structs) must be given: the
-  data-parallel wrapper fits its partition specs to it.
+  data-parallel wrapper fits its partition specs to it. ``candidates`` > 0 adds each row's
+  ``settled`` metric (``descent.make_step``).
   """
 
   def rows(objective):
@@ -109,7 +110,7 @@ def make_rows_step(objective: Objective, optimizer: optax.GradientTransformation
       weights = dataclasses.replace(objective.weights, label=hp['w_label'],
                                     entropy=hp['w_entropy'], kl=hp['w_kl'])
       step = descent.make_step(objective.with_weights(weights),
-                               _scaled(optimizer, hp['lr'] / base_lr), top_k)
+                               _scaled(optimizer, hp['lr'] / base_lr), top_k, candidates)
       return step.__wrapped__(state, data)
 
     def step(state, data, hp, active):

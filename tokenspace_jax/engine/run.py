@@ -112,7 +112,9 @@ def prepare_descent(config: ConfigDict, lm: LoadedModel, pool: Pool) -> Descent:
   hp = rows.stacked_hyperparameters(specs)
   if pool.mesh is not None:
     state, hp = jax.device_put((state, hp), sharding.replicated(pool.mesh))
-  step_fn = rows.make_rows_step(objective, optimizer, config.optim.lr, pool.mesh, data)
+  settle = config.choice.top_k if config.early_stop.settled else 0
+  step_fn = rows.make_rows_step(objective, optimizer, config.optim.lr, pool.mesh, data,
+                                candidates=settle)
 
   def select(state_rows, idx):  # rows ``idx`` alone, for the loop to step once others stopped
     take = lambda tree: jax.tree.map(lambda x: x[jnp.asarray(idx)], tree)
@@ -156,7 +158,8 @@ def label_features(config: ConfigDict, lm: LoadedModel, features: list[Feature],
     decode = lambda ids: decoded.setdefault(ids, tok.decode(list(ids)))
     result = loop.descend(
         d.step, state, data, hp, steps=config.steps, early_stop_prob=config.early_stop.prob,
-        patience=config.early_stop.patience, ckpt=ckpt, stop=stop, trajectory=trajectory,
+        patience=config.early_stop.patience, settle_patience=config.early_stop.settled,
+        ckpt=ckpt, stop=stop, trajectory=trajectory,
         decode=decode, search=d.search, progress=progress, name=name, select=d.select)
   finally:
     if trajectory is not None:
