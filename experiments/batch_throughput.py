@@ -37,7 +37,7 @@ def run_once(records: str, arg: str, workdir: str) -> dict:
   return {'wall': run.wall, 'features': len(lines),
           'features_per_hour': 3600 * len(lines) / run.wall, 'peak_rss_gb': run.peak_rss_gb,
           'labels': [{'feature': x.get('feature_id'), 'label': x.get('label'),
-                      'steps': x.get('steps'),
+                      'steps': x.get('steps'), 'auroc': (x.get('auroc') or {}).get('found'),
                       'verdict': (x.get('verdict') or x.get('error') or '').split(':')[0]}
                      for x in lines]}
 
@@ -62,8 +62,9 @@ def main():
   print('| setting | round | seconds | features | features/hour | peak RSS GB | labels |')
   print('|---|---:|---:|---:|---:|---:|---|')
   for row in runs:
-    labels = ', '.join(f'{x["feature"]}: {x["label"]!r} ({x["verdict"]}, {x.get("steps")} steps)'
-                       for x in row['labels'])
+    auroc = lambda x: '' if x.get('auroc') is None else f', held-out AUROC {x["auroc"]:.3f}'
+    labels = ', '.join(f'{x["feature"]}: {x["label"]!r} ({x["verdict"]}, {x.get("steps")} steps'
+                       f'{auroc(x)})' for x in row['labels'])
     print(f'| {row["setting"]} | {row["round"]} | {row["wall"]:.0f} | {row["features"]} | '
           f'{row["features_per_hour"]:.1f} | {row["peak_rss_gb"]:.2f} | {labels} |')
 
