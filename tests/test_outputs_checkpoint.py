@@ -208,3 +208,19 @@ def test_running_out_of_memory_on_restore_sets_nothing_aside(tmp_path, monkeypat
   ckpt.close()
   assert not os.path.exists(os.path.join(directory, 'set_aside'))
   assert restored_step(directory) == 2
+
+
+def test_a_checkpoint_from_before_a_state_key_was_added_resumes(tmp_path):
+  """A key added to the state since a checkpoint was written (``optional``) takes its fresh
+  value, and the rest is restored as saved; without ``optional`` the step would be skipped."""
+  directory = saved(tmp_path / 'ckpt', steps=(3,))
+  fresh = {**state_at(0), 'settled': jnp.full(2, 7, jnp.int32)}
+  ckpt = Checkpointer(str(directory), every=1)
+  state = ckpt.restore(fresh, optional=('settled',))
+  ckpt.close()
+  assert state is not None and int(state['step']) == 3
+  np.testing.assert_array_equal(state['label']['logits'], state_at(3)['label']['logits'])
+  np.testing.assert_array_equal(state['settled'], [7, 7])
+  strict = Checkpointer(str(directory), every=1)
+  assert strict.restore(fresh) is None
+  strict.close()

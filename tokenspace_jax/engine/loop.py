@@ -46,6 +46,11 @@ class NonFiniteLossError(RuntimeError):
   """Every row's loss became NaN or infinite; the last good states were kept in a checkpoint."""
 
 
+# Loop-state keys added since the first release: a checkpoint written before may lack them, and
+# resumes with their initial value (``Checkpointer.restore(optional=...)``).
+ADDED_STATE = ('settled',)
+
+
 def initial_state(rows: dict) -> dict:
   """The loop state around the stacked row states ``rows`` (leading axis: the rows)."""
   n = rows['step'].shape[0]

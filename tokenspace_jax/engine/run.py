@@ -145,7 +145,7 @@ def label_features(config: ConfigDict, lm: LoadedModel, features: list[Feature],
   ckpt = Checkpointer(checkpoints, config.checkpoint_every)
   trajectory = None
   try:
-    restored = ckpt.restore(state)
+    restored = ckpt.restore(state, optional=loop.ADDED_STATE)
     resumed_at = None
     if restored is not None:
       state, resumed_at = restored, int(restored['t'])

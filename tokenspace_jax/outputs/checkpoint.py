@@ -55,22 +55,26 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def restore(self, abstract_state):
-    """The newest intact checkpoint (shaped like ``abstract_state``), or None if there is none."""
+  def restore(self, abstract_state, optional: tuple[str, ...] = ()):
+    """The newest intact checkpoint (shaped like ``abstract_state``), or None if there is none.
+
+    ``optional`` names top-level keys of a dict state that a checkpoint written by an earlier
+    version may lack (a counter added since): such a checkpoint is restored without them, and
+    they keep their value in ``abstract_state``, so upgrading mid-run loses no steps.
+    """
     steps = sorted(self._manager.all_steps(), reverse=True)
     if not steps:
       return None
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    older = ({k: v for k, v in target.items() if k not in optional}
+             if optional and isinstance(target, dict) else None)
     skipped = []
     for step in steps:
-      try:
-        restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
-      except Exception as e:  # Orbax and Tensorstore raise many types for a damaged file
-        if _not_damage(e):
-          raise
-        why = f'it cannot be read ({_first_line(e)})'
-      else:
-        why = self._verify(step, restored)
+      restored, why = self._restore_step(step, target)
+      if why is not None and older is not None:
+        partial, partial_why = self._restore_step(step, older)
+        if partial_why is None:
+          restored, why = {**abstract_state, **partial}, None
       if why is None:
         self._set_aside(skipped)
         return restored
@@ -80,6 +84,17 @@ class Checkpointer:
                 'beginning.', self.directory, ', '.join(map(str, skipped)))
     self._set_aside(skipped)
     return None
+
+  def _restore_step(self, step: int, target):
+    """(the state of ``step``, None), or (None, why it cannot be used)."""
+    try:
+      restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
+    except Exception as e:  # Orbax and Tensorstore raise many types for a damaged file
+      if _not_damage(e):
+        raise
+      return None, f'it cannot be read ({_first_line(e)})'
+    why = self._verify(step, restored)
+    return (restored, None) if why is None else (None, why)
 
   def save(self, step: int, state, force: bool = False) -> bool:
     """Saves ``state`` (or what ``state()`` returns, built only when a save is due)."""
