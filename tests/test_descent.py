@@ -446,13 +446,9 @@ def test_the_step_says_whether_the_candidate_set_changed():
 def test_a_two_token_label_settles_only_with_the_same_most_probable_tokens():
   """A two-token label's candidates vary one position around the other's most probable token,
   so a swap of the top two at one position changes them; for one token it does not."""
-  import types
-  objective = types.SimpleNamespace(log_p=lambda label, allowed: jax.nn.log_softmax(
-      label['logits'], axis=-1))
-  allowed = jnp.ones(6, bool)
   a, b, c = [5., 4., 0., 0., 0., 1.], [4., 5., 0., 0., 0., 1.], [0., 0., 3., 0., 0., 1.]
-  same = lambda x, y: bool(descent._same_candidates(
-      objective, {'logits': jnp.asarray(x)}, {'logits': jnp.asarray(y)}, allowed, 2))
+  log_p = lambda x: jax.nn.log_softmax(jnp.asarray(x), axis=-1)
+  same = lambda x, y: bool(descent._same_candidates(log_p(x), log_p(y), 2))
   assert same([a], [b])  # one token: the same two candidates
   assert not same([a, c], [b, c])  # two tokens: position 1's candidates now follow token 1
   assert same([a, c], [[10., 4., 0., 0., 0., 1.], c])

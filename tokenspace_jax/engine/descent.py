@@ -78,27 +78,27 @@ def make_step(objective: Objective, optimizer: optax.GradientTransformation, top
     ok = jnp.isfinite(metrics['loss']) & jnp.all(jnp.isfinite(label['logits']))
     new = {'label': label, 'opt_state': opt_state, 'step': t + 1}
     new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
-    p = jnp.exp(objective.log_p(label, data.allowed))  # [K, V]
+    log_p = objective.log_p(label, data.allowed)  # [K, V]
+    p = jnp.exp(log_p)
     top_p, top_ids = jax.lax.top_k(p[0], top_k)
     out = {**metrics, 'ok': ok, 'top_ids': top_ids, 'top_p': top_p,
            'label_ids': jnp.argmax(p, axis=-1), 'label_p': jnp.max(p, axis=-1),
            'answer_bias': label['answer_bias']}
     if candidates:
-      out['settled'] = ok & _same_candidates(objective, state['label'], label, data.allowed,
-                                             candidates)
+      before = objective.log_p(state['label'], data.allowed)
+      out['settled'] = ok & _same_candidates(before, log_p, candidates)
     return new, out
 
   return jax.jit(step, donate_argnums=(0,))
 
 
-def _same_candidates(objective: Objective, before: dict, after: dict, allowed: jax.Array,
-                     k: int) -> jax.Array:
-  """Whether labels ``before`` and ``after`` give the final choice the same candidates: the same
-  set of ``k`` most probable tokens at every position and, for a label of several tokens (whose
-  candidates vary one position around the others' most probable tokens), the same argmax."""
-  def top(label):
-    log_p = objective.log_p(label, allowed)  # orders tokens as p does
-    return jnp.sort(jax.lax.top_k(log_p, k)[1], axis=-1), jnp.argmax(log_p, axis=-1)
+def _same_candidates(before: jax.Array, after: jax.Array, k: int) -> jax.Array:
+  """Whether labels of log-probabilities ``before`` and ``after`` [K, V] give the final choice the
+  same candidates: the same set of ``k`` most probable tokens at every position and, for a label
+  of several tokens (whose candidates vary one position around the others' most probable
+  tokens), the same argmax."""
+  top = lambda log_p: (jnp.sort(jax.lax.top_k(log_p, k)[1], axis=-1),
+                       jnp.argmax(log_p, axis=-1))
   (set_a, arg_a), (set_b, arg_b) = top(before), top(after)
   same = jnp.all(set_a == set_b)
   return same & jnp.all(arg_a == arg_b) if arg_a.shape[0] > 1 else same
