@@ -146,6 +146,20 @@ def engine_problem(cfg, feature):
   return [examples[i] for i in layout.order], layout, schedule
 
 
+def own_width(caches) -> int:
+  """Keys each example attends after the shared part: its own and its context's (padded)."""
+  context = 0 if caches.context_valid is None else caches.context_valid.shape[1]
+  return int(caches.valid.shape[1]) + int(context)
+
+
+def own_tokens(caches) -> np.ndarray:
+  """[examples] real tokens each example's cache holds after the shared part."""
+  n = np.asarray(caches.valid).sum(1)
+  if caches.context_valid is not None:
+    n = n + np.asarray(caches.context_valid).sum(1)[np.asarray(caches.context_of)]
+  return n
+
+
 def problem_digest(slot_examples, schedule: np.ndarray) -> str:
   """A hash of the examples in slot order and the schedule: equal in every worker, or the
   implementations would not be computing the same steps."""
@@ -208,8 +222,8 @@ class JaxWorker:
     return {'setup_seconds': self.setup_seconds, 'pool_seconds': self.pool_seconds,
             'first_call_seconds': self.first_call_seconds,
             'compile_seconds': self.compile_seconds, 'first_loss': self.first_loss,
-            'shared_tokens': shared, 'own_width': int(caches.valid.shape[1]),
-            'mean_own_tokens': float(np.asarray(caches.valid).sum(1).mean()),
+            'shared_tokens': shared, 'own_width': own_width(caches),
+            'mean_own_tokens': float(own_tokens(caches).mean()),
             'tail_tokens': int(self.pool.tail_ids.shape[0]),
             'examples': int(self.pool.slot_targets.shape[0]),
             'mean_words': float(np.mean([len(e.text.split()) for e in self.pool.examples])),
@@ -268,7 +282,9 @@ def count_flops(model, cfg, state, data, hp, active, xla: bool = True) -> dict:
           params={**d.params, 'layers': jax.tree.map(cut, d.params['layers'])},
           caches=d.caches.replace(k=cut(d.caches.k), v=cut(d.caches.v),
                                   shared_k=cut(d.caches.shared_k),
-                                  shared_v=cut(d.caches.shared_v))), d)
+                                  shared_v=cut(d.caches.shared_v),
+                                  context_k=cut(d.caches.context_k),
+                                  context_v=cut(d.caches.context_v))), d)
     step = rows.make_rows_step(objective_from_config(cfg, m), descent.make_optimizer(cfg.optim),
                                cfg.optim.lr)
     return step, d
@@ -816,7 +832,7 @@ def run_random_llama3(args, log) -> dict:
         flops_args = (state, data, hp, active)
       caches = pool.caches
       shared = 0 if caches.shared_k is None else int(caches.shared_k.shape[1])
-      res.update(shared_tokens=shared, own_width=int(caches.valid.shape[1]),
+      res.update(shared_tokens=shared, own_width=own_width(caches),
                  tail_tokens=int(pool.tail_ids.shape[0]),
                  examples=int(pool.slot_targets.shape[0]))
       flops = step_flops(lm.config, batch, 1 + res['tail_tokens'], shared, res['own_width'])

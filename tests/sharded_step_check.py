@@ -52,6 +52,8 @@ def main(out_path: str, meshes: str, process_id: str | None = None,
     k_shape = data.caches.k.addressable_shards[0].data.shape
     results[f'{spec}/cache_shard_shape'] = np.asarray(k_shape)
     results[f'{spec}/cache_shape'] = np.asarray(data.caches.k.shape)
+    results[f'{spec}/context_shard_shape'] = np.asarray(
+        data.caches.context_k.addressable_shards[0].data.shape)
   if distributed.is_main_process():
     np.savez(out_path, **results)
 

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from tokenspace_jax.classifier import prefix
+from tokenspace_jax.classifier import prefix, prompts
 from tokenspace_jax.classifier.objective import LossWeights, Objective
 from tokenspace_jax.engine import descent
 from tokenspace_jax.models import Llama, LlamaConfig
@@ -61,30 +61,38 @@ def initial_state(optimizer):
 
 
 _BASE = {}
+N_TEXTS = 10  # examples 4t..4t+3 ask about one text: they share its tokens as a context
 
 
-def _base_problem(model, params):
-  """Prompts, targets and prefix caches in example order, computed once per process."""
+def _base_problem():
+  """Each example's prompt tokens (its text's, then its own) and the targets, in example
+  order, drawn once per process."""
   if not _BASE:
     rng = np.random.default_rng(0)
-    ids = rng.integers(5, TINY.vocab_size, (N_EXAMPLES, 10)).astype(np.int32)
-    mask = np.ones(ids.shape, bool)
-    for i in range(N_EXAMPLES):  # left padding of different lengths
-      mask[i, :rng.integers(0, 4)] = False
+    texts = [list(rng.integers(5, TINY.vocab_size, rng.integers(4, 8))) for _ in range(N_TEXTS)]
+    _BASE['tokens'] = [texts[i * N_TEXTS // N_EXAMPLES]
+                       + list(rng.integers(5, TINY.vocab_size, rng.integers(1, 4)))
+                       for i in range(N_EXAMPLES)]
     _BASE['targets'] = rng.permutation(np.arange(N_EXAMPLES) % 2).astype(np.float32)
-    caches = prefix.prefix_caches(model, params, np.zeros(0, np.int32), ids, mask,
-                                      chunk=N_EXAMPLES)
-    _BASE['caches'] = jax.tree.map(np.asarray, caches)
-  return _BASE['caches'], _BASE['targets']
+  return _BASE['tokens'], _BASE['targets']
 
 
 def host_problem(model, params, data_shards: int):
-  """(DescentData of numpy arrays with a local-slot schedule, its layout), for ``data_shards``."""
-  caches, targets = _base_problem(model, params)
+  """(DescentData of numpy arrays with a local-slot schedule, its layout), for ``data_shards``.
+
+  The examples of one text share a context within each data shard (``prompts.split_contexts``),
+  so a shard's step reads its block of contexts by the global context index (``PrefixCaches``).
+  """
+  tokens, targets = _base_problem()
   layout = shard_layout.layout_examples(targets, np.arange(N_EXAMPLES) < N_TRAIN, data_shards)
-  caches = prefix.PrefixCaches(
-      k=layout.arrange(caches.k, 1), v=layout.arrange(caches.v, 1),
-      valid=layout.arrange(caches.valid), log_prior=layout.arrange(caches.log_prior))
+  contexts, context_of, own = prompts.split_contexts(
+      [[int(t) for t in tokens[i]] for i in layout.order],
+      [i * N_TEXTS // N_EXAMPLES for i in layout.order], data_shards)
+  ids, mask = prompts._left_padded(own, 0, prompts.OWN_PAD_AFTER_CONTEXT)
+  context_ids, context_mask = prompts._left_padded(contexts, 0, 8)
+  caches = jax.tree.map(np.asarray, prefix.prefix_caches(
+      model, params, np.zeros(0, np.int32), ids, mask, chunk=8,
+      contexts=(context_ids, context_mask, context_of)))
   train = ~layout.padding & (layout.order < N_TRAIN)
   schedule = shard_layout.shard_schedule(layout, targets, STEPS, BATCH, 0.5, seed=0)
   allowed = np.ones(TINY.vocab_size, bool)

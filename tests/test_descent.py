@@ -10,7 +10,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from tokenspace_jax.classifier import label as label_lib
-from tokenspace_jax.classifier import prefix
+from tokenspace_jax.classifier import prefix, prompts
 from tokenspace_jax.classifier.objective import LossWeights, Objective
 from tokenspace_jax.engine import descent, rows
 from tokenspace_jax.engine.scoring import auroc
@@ -149,6 +149,65 @@ def test_bfloat16_caches_are_the_float32_caches_rounded():
   assert got.dtype == jnp.float32
   spread = float(jnp.abs(want[:, 0] - want[:, 1]).max())
   assert 0 < float(jnp.abs(got - want).max()) < 0.05 * spread
+
+
+def test_split_contexts_shares_a_text_within_each_block():
+  """Examples of one key share their longest common prefix, less one token each, within their
+  block; blocks hold equally many contexts, padded with empty ones."""
+  rest = [[1, 2, 3, 4], [1, 2, 3, 5, 6], [7, 8], [1, 2, 9], [7, 8, 9], [7]]
+  keys = ['a', 'a', 'b', 'a', 'b', 'c']
+  contexts, context_of, own = prompts.split_contexts(rest, keys, blocks=1)
+  assert contexts == [[1, 2], [7], []]
+  np.testing.assert_array_equal(context_of, [0, 0, 1, 0, 1, 2])
+  assert own == [[3, 4], [3, 5, 6], [8], [9], [8, 9], [7]]
+  for i, r in enumerate(rest):  # nothing lost or reordered, and every example keeps a token
+    assert contexts[context_of[i]] + own[i] == r and own[i]
+  # Two blocks of three: 'a' and 'b' appear in both, each block with its own copy; block 0
+  # holds two contexts, block 1 three, so block 0 is padded with an empty one. A one-token
+  # example alone with its key keeps its token and has an empty context.
+  contexts, context_of, own = prompts.split_contexts(rest, keys, blocks=2)
+  assert contexts == [[1, 2, 3], [7], [], [1, 2], [7, 8], []]
+  np.testing.assert_array_equal(context_of, [0, 0, 1, 3, 4, 5])
+  assert own == [[4], [5, 6], [8], [9], [9], [7]]
+  with pytest.raises(ValueError, match='equal blocks'):
+    prompts.split_contexts(rest, keys, blocks=4)
+
+
+def test_shared_contexts_give_the_answers_of_whole_prompts():
+  """Caches of examples that share their text's tokens as one context answer as the same
+  prompts cached whole: margins, the slot's prior and the step's gradient."""
+  model, params = _tiny()
+  rng = np.random.default_rng(4)
+  texts = [list(rng.integers(5, TINY.vocab_size, rng.integers(3, 12))) for _ in range(4)]
+  text_of = [0, 0, 1, 2, 2, 2, 3, 1, 0]
+  rest = [[int(t) for t in texts[j]] + [int(t) for t in rng.integers(5, TINY.vocab_size,
+                                                                     rng.integers(1, 4))]
+          for j in text_of]
+  rest.append([42])  # alone with its text, and one token: an empty context
+  text_of.append(4)
+  whole_ids, whole_mask = prompts._left_padded(rest, 0, 16)
+  whole = prefix.prefix_caches(model, params, SHARED, whole_ids, whole_mask, chunk=4)
+  contexts, context_of, own = prompts.split_contexts(rest, text_of)
+  assert len(contexts) == 5 and contexts[4] == []
+  ids, mask = prompts._left_padded(own, 0, prompts.OWN_PAD_AFTER_CONTEXT)
+  ctx_ids, ctx_mask = prompts._left_padded(contexts, 0, 16)
+  shared = prefix.prefix_caches(model, params, SHARED, ids, mask, chunk=4,
+                                contexts=(ctx_ids, ctx_mask, context_of))
+  assert shared.context_k.shape[1] == 5 and shared.k.shape[2] == prompts.OWN_PAD_AFTER_CONTEXT
+  np.testing.assert_allclose(shared.log_prior, whole.log_prior, atol=1e-4)
+  idx = jnp.asarray([8, 0, 3, 9, 5, 6, 1])
+  p = jax.nn.softmax(jnp.asarray(rng.normal(size=(1, TINY.vocab_size)) * 3))
+
+  def answers(caches, p):
+    return prefix.answer_log_probs(model, params, caches.take(idx), p @ params['embed'],
+                                   jnp.asarray([7, 8, 9], jnp.int32),
+                                   jnp.asarray([YES, NO], jnp.int32), jnp.asarray(0.0), True)
+  want, got = answers(whole, p), answers(shared, p)
+  np.testing.assert_allclose(got, want, atol=1e-4)
+  assert float(jnp.abs(want[:, 0] - want[:, 1]).std()) > 0.1  # the examples differ
+  grad = lambda caches: jax.grad(lambda q: answers(caches, q)[:, 0].sum())(p)
+  np.testing.assert_allclose(grad(shared), grad(whole), rtol=1e-3,
+                             atol=1e-4 * float(jnp.abs(grad(whole)).max()))
 
 
 def test_planted_label_is_found():

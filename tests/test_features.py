@@ -305,3 +305,16 @@ def test_records_split_by_record_and_cap(tmp_path, tokenizer):
   assert {ex.text for ex in other.heldout} != heldout_texts
 
 
+
+
+def test_joined_synthetic_records_are_passages_of_consecutive_sentences():
+  """``--join N``: each record is N sentences in order, their pieces and activations kept."""
+  from tokenspace_jax.features.synthetic_records import synthetic_records
+  single = synthetic_records('animal')
+  joined = synthetic_records('animal', join=3)
+  assert len(joined) == -(-len(single) // 3)
+  for k, r in enumerate(joined):
+    parts = single[3 * k:3 * k + 3]
+    assert r['text'] == ' '.join(p['text'] for p in parts)
+    assert ''.join(r['tokens']) == r['text'] and len(r['tokens']) == len(r['activations'])
+    assert sum(r['activations']) == sum(sum(p['activations']) for p in parts) > 0

@@ -72,6 +72,10 @@ def test_data_specs_split_examples_on_data_and_kv_heads_on_model():
   assert specs.caches.k == P(None, 'data', None, 'model', None)
   assert specs.caches.valid == P('data', None)
   assert specs.caches.log_prior == P('data', 'model')
+  # Contexts are split like the examples: each shard holds the block its examples read.
+  assert specs.caches.context_k == P(None, 'data', None, 'model', None)
+  assert specs.caches.context_valid == P('data', None)
+  assert specs.caches.context_of == P('data')
   assert specs.targets == P('data') and specs.schedule == P(None, 'data')
   assert specs.allowed == P() and specs.params['embed'] == P('model', None)
   manual = sharding.data_axis_specs(specs)
@@ -246,8 +250,8 @@ def test_sharded_step_matches_one_device(children):
   _assert_matches(results, '8x1', 8)
   _assert_matches(results, '4x2', 4)
   _assert_matches(results, '1x8', 1)  # pure tensor parallelism: no data axis to reduce over
-  np.testing.assert_array_equal(results['8x1/cache_shard_shape'], [2, 5, 10, 2, 8])
-  np.testing.assert_array_equal(results['4x2/cache_shard_shape'], [2, 10, 10, 1, 8])
+  np.testing.assert_array_equal(results['8x1/cache_shard_shape'], [2, 5, 8, 2, 8])
+  np.testing.assert_array_equal(results['4x2/cache_shard_shape'], [2, 10, 8, 1, 8])
   assert expected[8]['loss'][0] != expected[4]['loss'][0]  # the layouts draw other batches
 
 

@@ -226,6 +226,8 @@ def get_base_config() -> ConfigDict:
   c.eval.calibration_examples = 64  # training examples each label's threshold is fitted on
   c.eval.batch_size = 128  # label × example rows per forward pass of scoring (and contrast)
   c.eval.prefix_batch_size = 32  # examples per forward pass of the prefix caching
+  # examples of one text keep the prompt up to their word once, as one context (docs/scaling.md)
+  c.eval.share_text = True
   c.eval.bootstrap = 1000  # bootstrap resamples of the held-out split for the intervals
   c.eval.confidence = 0.95  # coverage of the reported intervals
   return c

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tokenspace_jax.classifier.prompts import OWN_PAD_AFTER_CONTEXT
 from tokenspace_jax.models.kv_cache import KVCache, PrefixCache
 from tokenspace_jax.models.llama import Llama
 
@@ -38,6 +39,17 @@ class PrefixCaches(flax.struct.PyTreeNode):
   # [examples] the yes/no margin each example gets from labels that carry no information about
   # it (``engine.pool.contrast_baseline``); None: margins are used as the model gives them.
   baseline: jax.Array | None = None
+  # Contexts: tokens between the shared part and the own ones that several examples share (the
+  # text that several words are asked of), stored once each. None: every example's tokens after
+  # the shared part are its own.
+  context_k: jax.Array | None = None  # [layers, contexts, C, kv_heads, head_dim]
+  context_v: jax.Array | None = None
+  context_valid: jax.Array | None = None  # [contexts, C]
+  # [examples] each example's context. On a mesh the contexts are split along ``data`` like the
+  # examples, each shard's examples reading only its own block of them; the index is the global
+  # one, and ``take`` reduces it modulo the contexts it sees (all of them, or inside a
+  # ``shard_map`` its shard's block), which is the index into either.
+  context_of: jax.Array | None = None
 
   def answer_bias(self, bias: jax.Array, idx: jax.Array) -> jax.Array:
     """The yes-logit bias of examples ``idx``: the learned ``bias`` less each one's baseline.
@@ -55,13 +67,20 @@ class PrefixCaches(flax.struct.PyTreeNode):
 
     Nothing is copied here: each layer reads its rows of ``k``/``v`` in place (see PrefixCache).
     """
+    context = {}
+    if self.context_k is not None:
+      rows = jnp.take(self.context_of, idx) % self.context_k.shape[1]
+      context = dict(context_k=self.context_k, context_v=self.context_v, context_rows=rows,
+                     context_valid=jnp.take(self.context_valid, rows, axis=0))
     return PrefixCache(shared_k=self.shared_k, shared_v=self.shared_v, k=self.k, v=self.v,
-                       valid=jnp.take(self.valid, idx, axis=0), rows=idx)
+                       valid=jnp.take(self.valid, idx, axis=0), rows=idx, **context)
 
 
 def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.ndarray,
                   prefix_mask: np.ndarray, chunk: int = 16, cache_dtype=None,
-                  out_shardings=None, pad_to: int = 16) -> PrefixCaches:
+                  out_shardings=None, pad_to: int = 16,
+                  contexts: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                  ) -> PrefixCaches:
   """Caches and priors for all examples, computed in jitted chunks of a fixed size.
 
   The part every prompt shares (``shared_ids``: instructions, few-shot examples) is run once,
@@ -84,6 +103,11 @@ def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.n
   default device. ``cache_dtype`` is what the kept keys and values are stored in (default: the
   activation dtype): they are computed in the activation dtype and cast once, so bfloat16
   caches under float32 activations take half the memory and each step reads them widened.
+
+  ``contexts`` (ids [C, W_c], mask, and each example's context [N], as
+  ``prompts.EncodedPrompts`` holds them) are run first, each once, on the shared part; each
+  example's own tokens then run on the shared part and its context. An empty context row (a
+  block's padding, see ``prompts.split_contexts``) is not run: no example reads it.
   """
   n, width = prefix_ids.shape
   n_shared = len(shared_ids)
@@ -96,47 +120,106 @@ def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.n
     _, cache = model.apply({'params': params}, ids[None], cache=cache, return_hidden=True)
     return cache.k[:, 0], cache.v[:, 0]
 
-  @jax.jit
-  def run(params, shared_k, shared_v, ids, mask):
+  def run_block(params, cache, ids, mask, full_width):
     w = ids.shape[1]  # this chunk's width, at most the common one
-    # Each prompt's own tokens attend the shared part as one matrix for the whole chunk: copying
-    # it into every prompt's cache first cost a broadcast and a write of it per chunk.
-    hidden, own = model.apply({'params': params}, ids, input_mask=mask,
-                              cache=PrefixCache.shared_only(shared_k, shared_v),
+    # The block attends the shared part as one matrix for the whole chunk (and each row its
+    # context): copying them into every prompt's cache first cost a broadcast and a write of
+    # them per chunk.
+    hidden, own = model.apply({'params': params}, ids, input_mask=mask, cache=cache,
                               return_hidden=True)
-    logits = model.apply({'params': params}, hidden[:, -1], method=Llama.logits)
     # Back to the common width, right-aligned as the left-padded prompts are.
-    store = lambda x: jnp.pad(x, ((0, 0), (0, 0), (width - w, 0), (0, 0), (0, 0))).astype(
+    store = lambda x: jnp.pad(x, ((0, 0), (0, 0), (full_width - w, 0), (0, 0), (0, 0))).astype(
         cache_dtype)
-    valid = jnp.pad(own.valid, ((0, 0), (width - w, 0)))
-    return store(own.k), store(own.v), valid, jax.nn.log_softmax(logits, axis=-1)
+    return hidden, (store(own.k), store(own.v), jnp.pad(own.valid, ((0, 0), (full_width - w, 0))))
+
+  @jax.jit
+  def run_context(params, shared_k, shared_v, ids, mask):
+    _, parts = run_block(params, PrefixCache.shared_only(shared_k, shared_v), ids, mask,
+                         contexts[0].shape[1])
+    return parts
+
+  @jax.jit
+  def run(params, shared_k, shared_v, context, ids, mask):
+    cache = (PrefixCache.shared_only(shared_k, shared_v) if context is None
+             else PrefixCache.with_context(shared_k, shared_v, *context))
+    hidden, parts = run_block(params, cache, ids, mask, width)
+    logits = model.apply({'params': params}, hidden[:, -1], method=Llama.logits)
+    return (*parts, jax.nn.log_softmax(logits, axis=-1))
 
   # Computed in the activation dtype throughout; only what is kept is cast to ``cache_dtype``.
   shared_k = shared_v = None
   if n_shared:
     empty = KVCache.empty(model.config, 1, n_shared, model.dtype)
     shared_k, shared_v = run_shared(params, jnp.asarray(shared_ids), empty)
-  writer = _ShardedWriter(n, *(None if x is None else x.astype(cache_dtype)
-                               for x in (shared_k, shared_v)), out_shardings)
-  lengths = np.asarray(prefix_mask).sum(axis=1)
-  order = np.argsort(-lengths, kind='stable')
-  for start in range(0, n, chunk):
-    rows = order[start:start + chunk]
-    if len(rows) < chunk:  # pad the last chunk with a repeated example: one batch size for all
-      rows = np.concatenate([rows, np.repeat(rows[-1:], chunk - len(rows))])
-    w = min(width, max(pad_to, -(-int(lengths[rows].max()) // pad_to) * pad_to))
-    ids, mask = prefix_ids[rows, width - w:], prefix_mask[rows, width - w:]
-    writer.write(rows, run(params, shared_k, shared_v, ids, mask))
-  return writer.result()
+  shared = tuple(None if x is None else x.astype(cache_dtype) for x in (shared_k, shared_v))
+  context_of = context = None
+  if contexts is not None:
+    context_ids, context_mask, context_of = contexts
+    n_ctx = len(context_ids)
+    writer = _ShardedWriter(n_ctx, (1, 1, 0), lambda parts: PrefixCaches(
+        k=None, v=None, valid=None, log_prior=None, shared_k=None, shared_v=None,
+        context_k=parts[0], context_v=parts[1], context_valid=parts[2]),
+        lambda c: (c.context_k, c.context_v, c.context_valid), out_shardings)
+    real = np.flatnonzero(np.asarray(context_mask).any(axis=1))
+    for rows, ids, mask in _chunks(context_ids, context_mask, real, chunk, pad_to):
+      writer.write(rows, run_context(params, shared_k, shared_v, ids, mask))
+    context_k, context_v, context_valid = writer.buffers
+    context = (context_k, context_v, context_valid)
+  writer = _ShardedWriter(n, (1, 1, 0, 0), lambda parts: PrefixCaches(
+      k=parts[0], v=parts[1], valid=parts[2], log_prior=parts[3],
+      shared_k=_abstract(shared[0]), shared_v=_abstract(shared[1])),
+      lambda c: (c.k, c.v, c.valid, c.log_prior), out_shardings)
+  own_pad = pad_to if context is None else min(pad_to, OWN_PAD_AFTER_CONTEXT)
+  for rows, ids, mask in _chunks(prefix_ids, prefix_mask, np.arange(n), chunk, own_pad):
+    rows_context = None
+    if context is not None:
+      at = jnp.asarray(np.asarray(context_of)[rows])
+      rows_context = (context_k, context_v, jnp.take(context_valid, at, axis=0), at)
+    writer.write(rows, run(params, shared_k, shared_v, rows_context, ids, mask))
+  k, v, valid, log_prior = writer.buffers
+  result = PrefixCaches(k=k, v=v, valid=valid, log_prior=log_prior, shared_k=shared[0],
+                        shared_v=shared[1])
+  if context is not None:
+    result = result.replace(context_k=context_k, context_v=context_v,
+                            context_valid=context_valid,
+                            context_of=jnp.asarray(context_of, jnp.int32))
+  if out_shardings is None:
+    return result
+  # The shared part and the context index are small: placed once, as a whole.
+  placed = out_shardings(jax.tree.map(_abstract, result))
+  return result.replace(**{name: jax.device_put(getattr(result, name), getattr(placed, name))
+                           for name in ('shared_k', 'shared_v', 'context_of')
+                           if getattr(result, name) is not None})
+
+
+def _abstract(x):
+  return None if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+
+def _chunks(ids: np.ndarray, mask: np.ndarray, rows: np.ndarray, chunk: int, pad_to: int):
+  """(rows, ids, mask) of chunks of ``chunk`` of ``rows``, longest first, each cut to the width
+  of its longest row rounded up to ``pad_to`` (see ``prefix_caches``)."""
+  width = ids.shape[1]
+  lengths = np.asarray(mask).sum(axis=1)
+  order = np.asarray(rows)[np.argsort(-lengths[rows], kind='stable')]
+  for start in range(0, len(order), chunk):
+    part = order[start:start + chunk]
+    if len(part) < chunk:  # pad the last chunk with a repeated row: one batch size for all
+      part = np.concatenate([part, np.repeat(part[-1:], chunk - len(part))])
+    w = min(width, max(pad_to, -(-int(lengths[part].max()) // pad_to) * pad_to))
+    yield part, ids[part, width - w:], mask[part, width - w:]
 
 
 class _ShardedWriter:
-  """Chunks of (k, v, valid, log_prior) written into preallocated (sharded) buffers, in place."""
+  """Chunks of a few arrays (one row per entry of a chunk's ``rows`` along each array's axis in
+  ``axes``), written into preallocated (sharded) buffers of ``n`` rows, in place.
 
-  _AXES = (1, 1, 0, 0)  # the example axis of k, v, valid, log_prior
+  ``abstract`` builds a ``PrefixCaches`` of ``jax.ShapeDtypeStruct``s from the buffers' shapes,
+  for ``out_shardings`` to place; ``pick`` takes the buffers' fields back out of it.
+  """
 
-  def __init__(self, n: int, shared_k, shared_v, out_shardings):
-    self.n, self.shared = n, (shared_k, shared_v)
+  def __init__(self, n: int, axes: tuple[int, ...], abstract, pick, out_shardings):
+    self.n, self.axes, self.abstract, self.pick = n, axes, abstract, pick
     self.out_shardings, self.buffers, self._write = out_shardings, None, None
 
   def _allocate(self, parts):
@@ -144,16 +227,12 @@ class _ShardedWriter:
       shape = list(x.shape)
       shape[axis] = self.n
       return jax.ShapeDtypeStruct(tuple(shape), x.dtype)
-    k, v, valid, prior = (full(x, a) for x, a in zip(parts, self._AXES, strict=True))
-    sds = lambda x: None if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype)
-    abstract = PrefixCaches(k=k, v=v, valid=valid, log_prior=prior,
-                            shared_k=sds(self.shared[0]), shared_v=sds(self.shared[1]))
-    own = lambda c: (c.k, c.v, c.valid, c.log_prior)
+    full_parts = [full(x, a) for x, a in zip(parts, self.axes, strict=True)]
     # Without shardings the arrays stay uncommitted, like any jnp result, so a jitted step that
     # also takes uncommitted state compiles once.
-    self.shardings = None if self.out_shardings is None else self.out_shardings(abstract)
-    targets = None if self.shardings is None else own(self.shardings)
-    self.buffers = jax.jit(lambda: tuple(jnp.zeros(x.shape, x.dtype) for x in own(abstract)),
+    targets = (None if self.out_shardings is None
+               else tuple(self.pick(self.out_shardings(self.abstract(full_parts)))))
+    self.buffers = jax.jit(lambda: tuple(jnp.zeros(x.shape, x.dtype) for x in full_parts),
                            out_shardings=targets)()
 
     def write(buffers, parts, rows):
@@ -162,25 +241,15 @@ class _ShardedWriter:
       def put(buf, part, axis):
         index = (slice(None),) * axis + (rows,)
         return buf.at[index].set(part.astype(buf.dtype), mode='promise_in_bounds')
-      return tuple(put(b, p, a) for b, p, a in zip(buffers, parts, self._AXES, strict=True))
+      return tuple(put(b, p, a) for b, p, a in zip(buffers, parts, self.axes, strict=True))
 
     self._write = jax.jit(write, donate_argnums=(0,), out_shardings=targets)
 
   def write(self, rows: np.ndarray, parts):
-    """Writes a chunk's ``parts`` (one row per entry of ``rows``) to examples ``rows``."""
+    """Writes a chunk's ``parts`` (one row per entry of ``rows``) to rows ``rows``."""
     if self.buffers is None:
       self._allocate(parts)
     self.buffers = self._write(self.buffers, parts, jnp.asarray(rows, jnp.int32))
-
-  def result(self) -> PrefixCaches:
-    k, v, valid, prior = self.buffers
-    if self.shardings is None:
-      return PrefixCaches(k=k, v=v, valid=valid, log_prior=prior, shared_k=self.shared[0],
-                          shared_v=self.shared[1])
-    put = lambda x, s: None if x is None else jax.device_put(x, s)
-    return PrefixCaches(k=k, v=v, valid=valid, log_prior=prior,
-                        shared_k=put(self.shared[0], self.shardings.shared_k),
-                        shared_v=put(self.shared[1], self.shardings.shared_v))
 
 
 def answer_log_probs(model: Llama, params, cache: KVCache | PrefixCache,

@@ -112,6 +112,21 @@ class EncodedPrompts:
   tail_ids: np.ndarray  # [T] int32: the tokens after the slot, shared by all examples
   yes_id: int
   no_id: int
+  # With contexts (``encode_prompts(contexts=...)``), each example's tokens after the shared part
+  # are its context's (``context_ids`` [C, W_c], left-padded; a row of padding where a block has
+  # fewer contexts than others) followed by its own (``prefix_ids``); ``context_of`` [N] names
+  # each example's context.
+  context_ids: np.ndarray | None = None
+  context_mask: np.ndarray | None = None
+  context_of: np.ndarray | None = None
+
+  @property
+  def own_lengths(self) -> np.ndarray:
+    """[N] the number of tokens each example's cache holds after the shared part."""
+    n = self.prefix_mask.sum(axis=1)
+    if self.context_of is not None:
+      n = n + self.context_mask.sum(axis=1)[self.context_of]
+    return n
 
 
 def _common_prefix_length(seqs: Sequence[list[int]]) -> int:
@@ -122,9 +137,67 @@ def _common_prefix_length(seqs: Sequence[list[int]]) -> int:
   return n
 
 
+OWN_PAD_AFTER_CONTEXT = 8
+
+
+def _left_padded(seqs: Sequence[list[int]], pad: int, multiple: int) -> tuple[np.ndarray,
+                                                                               np.ndarray]:
+  width = max(1, -(-max(len(p) for p in seqs) // multiple)) * multiple
+  ids = np.full((len(seqs), width), pad, np.int32)
+  mask = np.zeros((len(seqs), width), bool)
+  for i, p in enumerate(seqs):
+    if p:
+      ids[i, width - len(p):] = p
+      mask[i, width - len(p):] = True
+  return ids, mask
+
+
+def split_contexts(rest: Sequence[list[int]], keys: Sequence, blocks: int = 1,
+                   ) -> tuple[list[list[int]], np.ndarray, list[list[int]]]:
+  """Each example's tokens ``rest`` split into a context shared with the examples of the same
+  key in its block, and its own tokens after it.
+
+  The examples are ``blocks`` equal runs (the data shards of a mesh); a context is shared only
+  within a run, so every shard holds the contexts its examples read. A context is the longest
+  token prefix its examples have in common, less at least one token of each (the slot's prior is
+  read at an example's own last token): for several words asked of one text, the text and what
+  precedes the word. Returns the contexts (``blocks`` runs of equal length, padded with empty
+  ones), each example's context and its own tokens.
+  """
+  n = len(rest)
+  if n % blocks:
+    raise ValueError(f'{n} examples do not split into {blocks} equal blocks.')
+  per = n // blocks
+  runs = []
+  for b in range(blocks):
+    index: dict = {}
+    for i in range(b * per, (b + 1) * per):
+      index.setdefault(keys[i], []).append(i)
+    runs.append(list(index.values()))
+  local = max(len(r) for r in runs)
+  contexts: list[list[int]] = []
+  context_of = np.zeros(n, np.int32)
+  own: list[list[int]] = [[] for _ in range(n)]
+  for run in runs:
+    for members in run:
+      seqs = [rest[i] for i in members]
+      length = min(_common_prefix_length(seqs), min(len(s) for s in seqs) - 1)
+      for i in members:
+        context_of[i] = len(contexts)
+        own[i] = rest[i][length:]
+      contexts.append(list(seqs[0][:length]))
+    contexts += [[] for _ in range(local - len(run))]
+  return contexts, context_of, own
+
+
 def encode_prompts(template: PromptTemplate, tokenizer, items: Sequence[tuple[str, str]],
-                   pad_to_multiple: int = 16) -> EncodedPrompts:
-  """Tokenizes (text, word) pairs into a shared part, left-padded prefixes and the tail."""
+                   pad_to_multiple: int = 16, contexts: Sequence | None = None,
+                   blocks: int = 1) -> EncodedPrompts:
+  """Tokenizes (text, word) pairs into a shared part, left-padded prefixes and the tail.
+
+  ``contexts`` (one hashable key per item, e.g. its text) lets the examples of one key share a
+  context block (``split_contexts``, within each of ``blocks`` equal runs of the items).
+  """
   if not items:
     raise PromptError('No examples to encode.')
   prefixes, tail = [], None
@@ -145,17 +218,19 @@ def encode_prompts(template: PromptTemplate, tokenizer, items: Sequence[tuple[st
   # Every example keeps at least one token of its own: the slot's prior is read there.
   shared = min(_common_prefix_length(prefixes), min(len(p) for p in prefixes) - 1)
   rest = [p[shared:] for p in prefixes]
-  longest = max(len(p) for p in rest)
-  width = -(-longest // pad_to_multiple) * pad_to_multiple
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  prefix_ids = np.full((len(rest), width), pad, np.int32)
-  mask = np.zeros((len(rest), width), bool)
-  for i, p in enumerate(rest):
-    prefix_ids[i, width - len(p):] = p
-    mask[i, width - len(p):] = True
+  context = {}
+  if contexts is not None:
+    ctx, context_of, rest = split_contexts(rest, contexts, blocks)
+    ctx_ids, ctx_mask = _left_padded(ctx, pad, pad_to_multiple)
+    context = dict(context_ids=ctx_ids, context_mask=ctx_mask, context_of=context_of)
+  # An example's own tokens after a context are few (the word and what follows it), so they are
+  # padded more finely: at 16 most of them would be padding.
+  prefix_ids, mask = _left_padded(rest, pad, pad_to_multiple if contexts is None
+                                  else OWN_PAD_AFTER_CONTEXT)
   yes_id, no_id = answer_ids(template, tokenizer)
   return EncodedPrompts(np.asarray(prefixes[0][:shared], np.int32), prefix_ids, mask,
-                        np.asarray(tail, np.int32), yes_id, no_id)
+                        np.asarray(tail, np.int32), yes_id, no_id, **context)
 
 
 def template_from_config(cfg) -> PromptTemplate:

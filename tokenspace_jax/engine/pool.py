@@ -134,14 +134,19 @@ def build_pool(config: ConfigDict, lm: LoadedModel, features: list[Feature],
   except shard_layout.LayoutError as e:
     raise ConfigValueError(f'{e} (mesh.data={shards}).') from None
   template = prompts.template_from_config(config.prompt)
-  enc = prompts.encode_prompts(template, lm.tokenizer,
-                               [(examples[i].text, examples[i].word) for i in layout.order])
+  enc = prompts.encode_prompts(
+      template, lm.tokenizer, [(examples[i].text, examples[i].word) for i in layout.order],
+      contexts=([examples[i].text for i in layout.order] if config.eval.share_text else None),
+      blocks=shards)
   _check_context(lm, enc, config.label.num_tokens)
   _check_memory(lm, enc, layout.slots, shards, config)
   placement = ((lambda abstract: sharding.cache_shardings(abstract, mesh)) if on_mesh else None)
+  contexts = (None if enc.context_of is None
+              else (enc.context_ids, enc.context_mask, enc.context_of))
   caches = prefix.prefix_caches(lm.model, lm.params, enc.shared_ids, enc.prefix_ids,
                                 enc.prefix_mask, chunk=config.eval.prefix_batch_size,
-                                cache_dtype=cache_dtype(config, lm), out_shardings=placement)
+                                cache_dtype=cache_dtype(config, lm), out_shardings=placement,
+                                contexts=contexts)
   fraction = config.data.positive_fraction if config.data.sampling == 'balanced' else None
   try:
     schedules = np.stack([
@@ -213,7 +218,7 @@ def contrast_baseline(config: ConfigDict, lm: LoadedModel, caches: prefix.Prefix
 
 
 def _check_context(lm: LoadedModel, enc: prompts.EncodedPrompts, label_tokens: int):
-  length = len(enc.shared_ids) + enc.prefix_ids.shape[1] + label_tokens + len(enc.tail_ids)
+  length = len(enc.shared_ids) + int(enc.own_lengths.max()) + label_tokens + len(enc.tail_ids)
   limit = lm.config.max_position_embeddings
   if length > limit:
     raise FeatureError(f'The longest prompt is {length} tokens, beyond the model\'s context of '
@@ -226,14 +231,18 @@ def cache_dtype(config: ConfigDict, lm: LoadedModel):
 
 
 def cache_bytes(lm: LoadedModel, enc: prompts.EncodedPrompts, slots: int, dtype) -> int:
-  """Bytes the prefix caches of ``slots`` examples take: keys and values of their own tokens,
-  their slot priors (one vocabulary row each, held until the pool has averaged them) and the
-  validity mask, with the keys and values in ``dtype``."""
+  """Bytes the prefix caches of ``slots`` examples take: keys and values of their own tokens
+  and of their contexts, their slot priors (one vocabulary row each, held until the pool has
+  averaged them) and the validity masks, with the keys and values in ``dtype``."""
   c = lm.config
-  width = enc.prefix_ids.shape[1]
   itemsize = jnp.dtype(dtype).itemsize
-  kv = 2 * c.num_layers * width * c.num_kv_heads * c.head_dim * itemsize
-  return slots * (kv + 4 * c.vocab_size + width)
+  kv = lambda width: 2 * c.num_layers * width * c.num_kv_heads * c.head_dim * itemsize
+  width = enc.prefix_ids.shape[1]
+  total = slots * (kv(width) + 4 * c.vocab_size + width)
+  if enc.context_ids is not None:
+    contexts, context_width = enc.context_ids.shape
+    total += contexts * (kv(context_width) + context_width) + 4 * slots
+  return total
 
 
 def _available_bytes() -> int | None:
@@ -266,7 +275,7 @@ def _check_memory(lm, enc, slots: int, shards: int, config: ConfigDict):
     per_step = (f'batch.features_per_step ({config.batch.features_per_step}), '
                 if 'batch' in config else '')
     raise PoolMemoryError(
-        f'The prefix caches of {slots} examples ({enc.prefix_ids.shape[1]} tokens each) need '
-        f'about {gb(per_device)} per device, but only {gb(free)} is free. Lower '
+        f'The prefix caches of {slots} examples (up to {int(enc.own_lengths.max())} tokens '
+        f'each) need about {gb(per_device)} per device, but only {gb(free)} is free. Lower '
         f'feature.max_train ({f.max_train}) or feature.max_heldout ({f.max_heldout}), '
         f'{per_step}or feature.window ({f.window}); or use more data shards (mesh.data).')

@@ -52,11 +52,15 @@ class PrefixCache(flax.struct.PyTreeNode):
   examples) are stored once and attended by the whole batch as one matrix, so per step only the
   examples' own tokens are gathered.
 
-  A new block attends [shared | own | itself]; nothing is written, so the model returns no cache.
-  The one exception is a cache of shared tokens only (``k`` None, see ``shared_only``): the block
-  run on it is the prompts' own tokens, and it comes back as their own part (``append``). That is
-  how the prefix pass computes every prompt's own keys and values against the shared part held
-  once, rather than copied into each prompt's cache.
+  Between the two there may be a *context* block: tokens that several prompts, but not all,
+  share (the text that several examples ask about, one word each), stored once per context and
+  read by each batch row from its context's row, as the own tokens are.
+
+  A new block attends [shared | context | own | itself]; nothing is written, so the model returns
+  no cache. The one exception is a cache without own tokens (``k`` None, see ``shared_only`` and
+  ``with_context``): the block run on it comes back as the cache's own part (``append``). That is
+  how the prefix pass computes every prompt's keys and values against the parts before them,
+  held once, rather than copied into each prompt's cache.
   """
 
   shared_k: jax.Array | None  # [layers, S, kv_heads, head_dim]: the tokens all prompts share
@@ -67,11 +71,26 @@ class PrefixCache(flax.struct.PyTreeNode):
   v: jax.Array | None
   valid: jax.Array | None  # [batch, W] bool: the own slots of each batch row that hold real tokens
   rows: jax.Array | None  # [batch] int32: the example (index into ``k``'s second axis) of each row
+  # [layers, contexts, C, kv_heads, head_dim]: tokens shared by some prompts, left-padded; None
+  # where the prompts have no context block.
+  context_k: jax.Array | None = None
+  context_v: jax.Array | None = None
+  context_valid: jax.Array | None = None  # [batch, C] bool: each batch row's real context slots
+  context_rows: jax.Array | None = None  # [batch] int32: the context of each batch row
 
   @classmethod
   def shared_only(cls, shared_k: jax.Array | None, shared_v: jax.Array | None) -> PrefixCache:
     """The tokens every prompt shares, ready to have each prompt's own tokens run on top."""
     return cls(shared_k=shared_k, shared_v=shared_v, k=None, v=None, valid=None, rows=None)
+
+  @classmethod
+  def with_context(cls, shared_k, shared_v, context_k, context_v, context_valid,
+                   context_rows) -> PrefixCache:
+    """Shared tokens and a context per batch row, ready to have each prompt's own tokens run on
+    top (``context_valid`` [batch, C] is already the batch rows')."""
+    return cls(shared_k=shared_k, shared_v=shared_v, k=None, v=None, valid=None, rows=None,
+               context_k=context_k, context_v=context_v, context_valid=context_valid,
+               context_rows=context_rows)
 
   @property
   def appends(self) -> bool:
@@ -84,19 +103,26 @@ class PrefixCache(flax.struct.PyTreeNode):
 
   @property
   def lengths(self) -> jax.Array:
-    """Number of real tokens per batch row ([] without own tokens); the next RoPE position."""
-    if self.valid is None:
-      return jnp.asarray(self.shared_length, jnp.int32)
-    return self.shared_length + self.valid.sum(axis=1, dtype=jnp.int32)
+    """Number of real tokens per batch row ([] with neither own nor context tokens); the next
+    RoPE position."""
+    n = jnp.asarray(self.shared_length, jnp.int32)
+    for valid in (self.context_valid, self.valid):
+      if valid is not None:
+        n = n + valid.sum(axis=1, dtype=jnp.int32)
+    return n
 
   def append(self, k: jax.Array, v: jax.Array, mask: jax.Array) -> PrefixCache:
-    """A shared-only cache with the block (k, v: [layers, batch, T, ...]) as its own tokens."""
+    """This cache with the block (k, v: [layers, batch, T, ...]) as its own tokens."""
     if not self.appends:
-      raise ValueError('Only a cache of shared tokens only takes a block as its own part.')
-    return PrefixCache(shared_k=self.shared_k, shared_v=self.shared_v, k=k, v=v, valid=mask,
-                       rows=jnp.arange(mask.shape[0], dtype=jnp.int32))
+      raise ValueError('Only a cache without own tokens takes a block as its own part.')
+    return self.replace(k=k, v=v, valid=mask, rows=jnp.arange(mask.shape[0], dtype=jnp.int32))
 
   def own_layer(self, layer: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Keys and values [batch, W, kv_heads, head_dim] of the batch's own tokens in ``layer``."""
     at = lambda x: x.at[layer, self.rows].get(mode='clip')
     return at(self.k), at(self.v)
+
+  def context_layer(self, layer: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Keys and values [batch, C, kv_heads, head_dim] of the batch's contexts in ``layer``."""
+    at = lambda x: x.at[layer, self.context_rows].get(mode='clip')
+    return at(self.context_k), at(self.context_v)

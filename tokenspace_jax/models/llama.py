@@ -127,6 +127,9 @@ class Attention(nn.Module):
     elif isinstance(cache, PrefixCache):
       if cache.shared_k is not None:  # one [S, kv, d] matrix for the whole batch
         blocks.append((cache.shared_k[layer], cache.shared_v[layer], None))
+      if cache.context_k is not None:
+        ctx_k, ctx_v = cache.context_layer(layer)
+        blocks.append((ctx_k, ctx_v, cache.context_valid[:, None, :]))
       if cache.k is not None:
         own_k, own_v = cache.own_layer(layer)
         blocks.append((own_k, own_v, cache.valid[:, None, :]))

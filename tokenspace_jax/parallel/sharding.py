@@ -123,7 +123,9 @@ def param_shardings(params, mesh: Mesh, rules: Sequence[tuple[str, P]] = PARAM_R
 
 def cache_specs(caches: PrefixCaches, mesh: Mesh) -> PrefixCaches:
   """Prefix caches split along ``data`` by example and along ``model`` by KV head (matching the
-  K/V projections); the part every prompt shares is one copy per ``data`` shard."""
+  K/V projections); the part every prompt shares is one copy per ``data`` shard. Contexts are
+  split along ``data`` like the examples (``prompts.split_contexts`` gives each shard a block
+  holding the contexts of its examples)."""
   fit = lambda spec, x: None if x is None else fit_spec(spec, x.shape, mesh)
   c = caches
   return PrefixCaches(k=fit(P(None, DATA, None, MODEL, None), c.k),
@@ -132,7 +134,11 @@ def cache_specs(caches: PrefixCaches, mesh: Mesh) -> PrefixCaches:
                       log_prior=fit(P(DATA, MODEL), c.log_prior),
                       shared_k=fit(P(None, None, MODEL, None), c.shared_k),
                       shared_v=fit(P(None, None, MODEL, None), c.shared_v),
-                      baseline=fit(P(DATA), c.baseline))
+                      baseline=fit(P(DATA), c.baseline),
+                      context_k=fit(P(None, DATA, None, MODEL, None), c.context_k),
+                      context_v=fit(P(None, DATA, None, MODEL, None), c.context_v),
+                      context_valid=fit(P(DATA, None), c.context_valid),
+                      context_of=fit(P(DATA), c.context_of))
 
 
 def cache_shardings(caches: PrefixCaches, mesh: Mesh) -> PrefixCaches:
