@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -34,8 +35,11 @@ def run_once(records: str, arg: str, workdir: str) -> dict:
     raise RuntimeError(f'{arg}: exit {run.code}\n{run.output[-3000:]}')
   with open(os.path.join(workdir, 'labels.jsonl'), encoding='utf-8') as f:
     lines = [json.loads(line) for line in f if line.strip()]
+  cache_mb = [float(x) for x in re.findall(r'\(([0-9.]+) MB of cached keys and values\)',
+                                            run.output)]
   return {'wall': run.wall, 'features': len(lines),
           'features_per_hour': 3600 * len(lines) / run.wall, 'peak_rss_gb': run.peak_rss_gb,
+          'cache_mb_per_group': max(cache_mb) if cache_mb else None,
           'labels': [{'feature': x.get('feature_id'), 'label': x.get('label'),
                       'steps': x.get('steps'), 'auroc': (x.get('auroc') or {}).get('found'),
                       'verdict': (x.get('verdict') or x.get('error') or '').split(':')[0]}
@@ -59,14 +63,16 @@ def main():
                                   **run_once(records, settings[name], workdir)}
   runs = alternate(settings, args.rounds, run, args.out, {'records': args.records})
   print(f'\n{args.records}')
-  print('| setting | round | seconds | features | features/hour | peak RSS GB | labels |')
-  print('|---|---:|---:|---:|---:|---:|---|')
+  print('| setting | round | seconds | features | features/hour | peak RSS GB | '
+        'caches MB (largest group) | labels |')
+  print('|---|---:|---:|---:|---:|---:|---:|---|')
   for row in runs:
     auroc = lambda x: '' if x.get('auroc') is None else f', held-out AUROC {x["auroc"]:.3f}'
     labels = ', '.join(f'{x["feature"]}: {x["label"]!r} ({x["verdict"]}, {x.get("steps")} steps'
                        f'{auroc(x)})' for x in row['labels'])
     print(f'| {row["setting"]} | {row["round"]} | {row["wall"]:.0f} | {row["features"]} | '
-          f'{row["features_per_hour"]:.1f} | {row["peak_rss_gb"]:.2f} | {labels} |')
+          f'{row["features_per_hour"]:.1f} | {row["peak_rss_gb"]:.2f} | '
+          f'{row["cache_mb_per_group"] or 0:.0f} | {labels} |')
 
 
 if __name__ == '__main__':

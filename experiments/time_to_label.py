@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 from child import alternate, run_child
@@ -40,7 +41,9 @@ def run_once(checkout: str, config: str, arg: str, workdir: str) -> dict:
   with open(os.path.join(workdir, 'result.json')) as f:
     result = json.load(f)
   phases = result.get('phase_seconds', {})
+  cache_mb = re.findall(r'\(([0-9.]+) MB of keys and values\)', run.output)
   return {'checkout': checkout, 'wall': run.wall, **{p: phases.get(p) for p in PHASES},
+          'cache_mb': float(cache_mb[-1]) if cache_mb else None,
           'peak_rss_gb': run.peak_rss_gb,
           'steps': result.get('steps'), 'label': result.get('label'),
           'verdict': (result.get('verdict') or '').split(':')[0],
@@ -76,12 +79,13 @@ def main():
   cell3 = lambda v: '-' if v is None else f'{v:.3f}'
   print(f'\n{args.config}{":" + args.arg if args.arg else ""}, seconds')
   print('| code | round | start to label | ' + ' | '.join(PHASES)
-        + ' | peak RSS GB | steps | label | held-out AUROC | verdict |')
-  print('|---|---:|---:|' + '---:|' * len(PHASES) + '---:|---:|---|---:|---|')
+        + ' | peak RSS GB | caches MB | steps | label | held-out AUROC | verdict |')
+  print('|---|---:|---:|' + '---:|' * len(PHASES) + '---:|---:|---:|---|---:|---|')
   for row in runs:
     print(f'| {row["code"]} | {row["round"]} | {row["wall"]:.1f} | '
           + ' | '.join(cell(row[p]) for p in PHASES)
-          + f' | {row["peak_rss_gb"]:.2f} | {row["steps"]} | {row["label"]!r} | '
+          + f' | {row["peak_rss_gb"]:.2f} | {cell(row.get("cache_mb"))} | {row["steps"]} | '
+          + f'{row["label"]!r} | '
           + f'{cell3(row["heldout_auroc"])} | {row["verdict"]} |')
 
 

@@ -195,9 +195,11 @@ def _run_group(config, lm, wd, index, count, ids, features, labels, done, stop, 
         raise _interrupted(stop, f'after writing the line of feature {fid!r}')
     shutil.rmtree(directory)
   jax.block_until_ready(labeled.pool.caches)
-  log.info('Group %s (%d of %d: %s): prepared in %.1f s, steps %s in %.1f s, scored in %.1f s '
-           '(%.1f s in all).', name, index + 1, count, ', '.join(map(str, ids)),
-           labeled.seconds['pool'], f'{labeled.resumed_at or 0}-{int(labeled.loop.state["t"])}',
+  log.info('Group %s (%d of %d: %s): prepared in %.1f s (%.0f MB of cached keys and values), '
+           'steps %s in %.1f s, scored in %.1f s (%.1f s in all).', name, index + 1, count,
+           ', '.join(map(str, ids)), labeled.seconds['pool'],
+           labeled.pool.caches.kv_bytes / 1e6,
+           f'{labeled.resumed_at or 0}-{int(labeled.loop.state["t"])}',
            labeled.seconds['descent'], labeled.seconds['scoring'], time.perf_counter() - start)
 
 

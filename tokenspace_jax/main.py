@@ -85,8 +85,9 @@ def run(config: ConfigDict, workdir: str, lm: LoadedModel | None = None,
                                trajectory_path=wd.path('trajectory.jsonl'), write=main_process,
                                progress=show, name='')
     pool = labeled.pool
-    log.info('Feature %s: %d train / %d held-out examples; caches and priors in %.1f s.',
-             feature.name, int(pool.train.sum()), int((~pool.train).sum()), pool.seconds)
+    log.info('Feature %s: %d train / %d held-out examples; caches (%.0f MB of keys and '
+             'values) and priors in %.1f s.', feature.name, int(pool.train.sum()),
+             int((~pool.train).sum()), pool.caches.kv_bytes / 1e6, pool.seconds)
     log.info('Descent: %d steps in %.1f s (first step, with compilation, %.1f s); scoring in '
              '%.1f s.', labeled.loop.steps_run, labeled.seconds['descent'],
              labeled.seconds['compile'] or 0.0, labeled.seconds['scoring'])

@@ -51,6 +51,12 @@ class PrefixCaches(flax.struct.PyTreeNode):
   # ``shard_map`` its shard's block), which is the index into either.
   context_of: jax.Array | None = None
 
+  @property
+  def kv_bytes(self) -> int:
+    """Bytes of the keys and values held: shared, context and own (what memory they take)."""
+    parts = (self.k, self.v, self.shared_k, self.shared_v, self.context_k, self.context_v)
+    return sum(int(x.size) * x.dtype.itemsize for x in parts if x is not None)
+
   def answer_bias(self, bias: jax.Array, idx: jax.Array) -> jax.Array:
     """The yes-logit bias of examples ``idx``: the learned ``bias`` less each one's baseline.
 
