@@ -26,10 +26,6 @@ from tokenspace_jax import config_defaults as common
 def get_config(arg=None):
   c = common.get_base_config()
   c.progress = False  # one bar per group would flood a log of thousands of features
-  # A row stops once the final choice's candidates have held for 10 steps: labels as good in
-  # 0.85x the time on the four built-in features (docs/scaling.md, "Stopping once the
-  # candidates settle"); single runs keep it off until it is studied on the larger models.
-  c.early_stop.settled = 10
   c.batch = ConfigDict()
   c.batch.features = ''  # activation-records .jsonl with a "feature_id" in every record
   c.batch.features_per_step = 2  # features descended together in one vmapped step

@@ -88,8 +88,8 @@ def host_problem(model, params, data_shards: int):
   contexts, context_of, own = prompts.split_contexts(
       [[int(t) for t in tokens[i]] for i in layout.order],
       [i * N_TEXTS // N_EXAMPLES for i in layout.order], data_shards)
-  ids, mask = prompts._left_padded(own, 0, prompts.OWN_PAD_AFTER_CONTEXT)
-  context_ids, context_mask = prompts._left_padded(contexts, 0, 8)
+  ids, mask = prompts.left_padded(own, 0, prompts.OWN_PAD_AFTER_CONTEXT)
+  context_ids, context_mask = prompts.left_padded(contexts, 0, 8)
   caches = jax.tree.map(np.asarray, prefix.prefix_caches(
       model, params, np.zeros(0, np.int32), ids, mask, chunk=8,
       contexts=(context_ids, context_mask, context_of)))

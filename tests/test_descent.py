@@ -185,12 +185,12 @@ def test_shared_contexts_give_the_answers_of_whole_prompts():
           for j in text_of]
   rest.append([42])  # alone with its text, and one token: an empty context
   text_of.append(4)
-  whole_ids, whole_mask = prompts._left_padded(rest, 0, 16)
+  whole_ids, whole_mask = prompts.left_padded(rest, 0, 16)
   whole = prefix.prefix_caches(model, params, SHARED, whole_ids, whole_mask, chunk=4)
   contexts, context_of, own = prompts.split_contexts(rest, text_of)
   assert len(contexts) == 5 and contexts[4] == []
-  ids, mask = prompts._left_padded(own, 0, prompts.OWN_PAD_AFTER_CONTEXT)
-  ctx_ids, ctx_mask = prompts._left_padded(contexts, 0, 16)
+  ids, mask = prompts.left_padded(own, 0, prompts.OWN_PAD_AFTER_CONTEXT)
+  ctx_ids, ctx_mask = prompts.left_padded(contexts, 0, 16)
   shared = prefix.prefix_caches(model, params, SHARED, ids, mask, chunk=4,
                                 contexts=(ctx_ids, ctx_mask, context_of))
   assert shared.context_k.shape[1] == 5 and shared.k.shape[2] == prompts.OWN_PAD_AFTER_CONTEXT

@@ -184,8 +184,9 @@ def get_base_config() -> ConfigDict:
   c.early_stop.prob = 0.9  # stop once the top token's p stays above this ...
   c.early_stop.patience = 10  # ... for this many steps (prob <= 0 disables)
   # Or once the final choice's candidates (the choice.top_k most probable tokens of every label
-  # position) have stayed one set for this many steps (docs/method.md, "the loop").
-  c.early_stop.settled = 0  # steps the choice's candidate set must hold (0 disables)
+  # position) have stayed one set for this many steps (docs/method.md, "the loop"); without a
+  # choice (choice.top_k=0) there are no candidates to hold, and only the rule above stops.
+  c.early_stop.settled = 10  # steps the choice's candidate set must hold (0 disables)
 
   # The device mesh (docs/scaling.md): examples and their prefix caches split along `data`, the
   # weights along `model` (tensor parallel). -1 takes the remaining devices.
@@ -414,10 +415,6 @@ def validate(config: ConfigDict, builtin_features=()):
        'must be 0 (no contrast) or at least 2 (each random label the verdict scores is compared '
        'with the mean of the others)')
   need('early_stop.prob', lambda v: v <= 1, 'must be at most 1 (0 or less disables)')
-  if config.early_stop.settled and not config.choice.top_k:
-    raise ConfigValueError('early_stop.settled waits for the final choice\'s candidates to '
-                           'settle, but choice.top_k is 0 (no choice): set choice.top_k, or '
-                           'early_stop.settled=0.')
   need('optim.b1', lambda v: 0 <= v < 1, 'must be in [0, 1)')
   need('optim.b2', lambda v: 0 <= v < 1, 'must be in [0, 1)')
   need('optim.final_lr', non_negative, 'must not be negative')

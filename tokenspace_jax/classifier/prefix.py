@@ -112,8 +112,9 @@ def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.n
 
   ``contexts`` (ids [C, W_c], mask, and each example's context [N], as
   ``prompts.EncodedPrompts`` holds them) are run first, each once, on the shared part; each
-  example's own tokens then run on the shared part and its context. An empty context row (a
-  block's padding, see ``prompts.split_contexts``) is not run: no example reads it.
+  example's own tokens then run on the shared part and its context (as stored, so in
+  ``cache_dtype``). An empty context row (a block's padding, or an example's own empty context,
+  see ``prompts.split_contexts``) is not run: nothing in it is attended.
   """
   n, width = prefix_ids.shape
   n_shared = len(shared_ids)
@@ -159,6 +160,8 @@ def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.n
     shared_k, shared_v = run_shared(params, jnp.asarray(shared_ids), empty)
   shared = tuple(None if x is None else x.astype(cache_dtype) for x in (shared_k, shared_v))
   context_of = context = None
+  if contexts is not None and not np.asarray(contexts[1]).any():
+    contexts = None  # every context empty: each example's tokens are all its own
   if contexts is not None:
     context_ids, context_mask, context_of = contexts
     n_ctx = len(context_ids)

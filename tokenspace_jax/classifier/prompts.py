@@ -140,8 +140,9 @@ def _common_prefix_length(seqs: Sequence[list[int]]) -> int:
 OWN_PAD_AFTER_CONTEXT = 8
 
 
-def _left_padded(seqs: Sequence[list[int]], pad: int, multiple: int) -> tuple[np.ndarray,
-                                                                               np.ndarray]:
+def left_padded(seqs: Sequence[list[int]], pad: int, multiple: int) -> tuple[np.ndarray,
+                                                                              np.ndarray]:
+  """Token lists as ids [N, W] and a mask, right-aligned, W a multiple of ``multiple``."""
   width = max(1, -(-max(len(p) for p in seqs) // multiple)) * multiple
   ids = np.full((len(seqs), width), pad, np.int32)
   mask = np.zeros((len(seqs), width), bool)
@@ -222,11 +223,11 @@ def encode_prompts(template: PromptTemplate, tokenizer, items: Sequence[tuple[st
   context = {}
   if contexts is not None:
     ctx, context_of, rest = split_contexts(rest, contexts, blocks)
-    ctx_ids, ctx_mask = _left_padded(ctx, pad, pad_to_multiple)
+    ctx_ids, ctx_mask = left_padded(ctx, pad, pad_to_multiple)
     context = dict(context_ids=ctx_ids, context_mask=ctx_mask, context_of=context_of)
   # An example's own tokens after a context are few (the word and what follows it), so they are
   # padded more finely: at 16 most of them would be padding.
-  prefix_ids, mask = _left_padded(rest, pad, pad_to_multiple if contexts is None
+  prefix_ids, mask = left_padded(rest, pad, pad_to_multiple if contexts is None
                                   else OWN_PAD_AFTER_CONTEXT)
   yes_id, no_id = answer_ids(template, tokenizer)
   return EncodedPrompts(np.asarray(prefixes[0][:shared], np.int32), prefix_ids, mask,

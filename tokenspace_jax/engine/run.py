@@ -99,6 +99,14 @@ class Descent:
   select: object  # select(rows, idx): the rows, data and hp of rows idx (loop.descend)
 
 
+def settle_rule(config: ConfigDict) -> tuple[int, int]:
+  """(candidates the step compares, steps they must hold) of ``early_stop.settled``; (0, 0),
+  the rule off, when it is 0 or there is no final choice (``choice.top_k=0``) to wait for."""
+  if not (config.early_stop.settled and config.choice.top_k):
+    return 0, 0
+  return config.choice.top_k, config.early_stop.settled
+
+
 def prepare_descent(config: ConfigDict, lm: LoadedModel, pool: Pool) -> Descent:
   """The rows of ``config`` over ``pool``: their initial state, data and step, on the mesh."""
   specs = rows.row_specs(config, len(pool.features))
@@ -112,9 +120,8 @@ def prepare_descent(config: ConfigDict, lm: LoadedModel, pool: Pool) -> Descent:
   hp = rows.stacked_hyperparameters(specs)
   if pool.mesh is not None:
     state, hp = jax.device_put((state, hp), sharding.replicated(pool.mesh))
-  settle = config.choice.top_k if config.early_stop.settled else 0
   step_fn = rows.make_rows_step(objective, optimizer, config.optim.lr, pool.mesh, data,
-                                candidates=settle)
+                                candidates=settle_rule(config)[0])
 
   def select(state_rows, idx):  # rows ``idx`` alone, for the loop to step once others stopped
     take = lambda tree: jax.tree.map(lambda x: x[jnp.asarray(idx)], tree)
@@ -158,7 +165,7 @@ def label_features(config: ConfigDict, lm: LoadedModel, features: list[Feature],
     decode = lambda ids: decoded.setdefault(ids, tok.decode(list(ids)))
     result = loop.descend(
         d.step, state, data, hp, steps=config.steps, early_stop_prob=config.early_stop.prob,
-        patience=config.early_stop.patience, settle_patience=config.early_stop.settled,
+        patience=config.early_stop.patience, settle_patience=settle_rule(config)[1],
         ckpt=ckpt, stop=stop, trajectory=trajectory,
         decode=decode, search=d.search, progress=progress, name=name, select=d.select)
   finally:
