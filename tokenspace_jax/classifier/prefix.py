@@ -146,9 +146,12 @@ def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.n
     return parts
 
   @jax.jit
-  def run(params, shared_k, shared_v, context, ids, mask):
-    cache = (PrefixCache.shared_only(shared_k, shared_v) if context is None
-             else PrefixCache.with_context(shared_k, shared_v, *context))
+  def run(params, shared_k, shared_v, context, context_rows, ids, mask):
+    cache = PrefixCache.shared_only(shared_k, shared_v)
+    if context is not None:  # each row reads its context in place, as a step does
+      k, v, valid = context
+      cache = PrefixCache.with_context(shared_k, shared_v, k, v,
+                                       jnp.take(valid, context_rows, axis=0), context_rows)
     hidden, parts = run_block(params, cache, ids, mask, width)
     logits = model.apply({'params': params}, hidden[:, -1], method=Llama.logits)
     return (*parts, jax.nn.log_softmax(logits, axis=-1))
@@ -180,11 +183,8 @@ def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.n
       lambda c: (c.k, c.v, c.valid, c.log_prior), out_shardings)
   own_pad = pad_to if context is None else min(pad_to, OWN_PAD_AFTER_CONTEXT)
   for rows, ids, mask in _chunks(prefix_ids, prefix_mask, np.arange(n), chunk, own_pad):
-    rows_context = None
-    if context is not None:
-      at = jnp.asarray(np.asarray(context_of)[rows])
-      rows_context = (context_k, context_v, jnp.take(context_valid, at, axis=0), at)
-    writer.write(rows, run(params, shared_k, shared_v, rows_context, ids, mask))
+    context_rows = None if context is None else jnp.asarray(np.asarray(context_of)[rows])
+    writer.write(rows, run(params, shared_k, shared_v, context, context_rows, ids, mask))
   k, v, valid, log_prior = writer.buffers
   result = PrefixCaches(k=k, v=v, valid=valid, log_prior=log_prior, shared_k=shared[0],
                         shared_v=shared[1])

@@ -88,9 +88,9 @@ class PrefixCache(flax.struct.PyTreeNode):
                    context_rows) -> PrefixCache:
     """Shared tokens and a context per batch row, ready to have each prompt's own tokens run on
     top (``context_valid`` [batch, C] is already the batch rows')."""
-    return cls(shared_k=shared_k, shared_v=shared_v, k=None, v=None, valid=None, rows=None,
-               context_k=context_k, context_v=context_v, context_valid=context_valid,
-               context_rows=context_rows)
+    return cls.shared_only(shared_k, shared_v).replace(
+        context_k=context_k, context_v=context_v, context_valid=context_valid,
+        context_rows=context_rows)
 
   @property
   def appends(self) -> bool:
