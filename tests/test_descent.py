@@ -173,6 +173,28 @@ def test_split_contexts_shares_a_text_within_each_block():
     prompts.split_contexts(rest, keys, blocks=4)
 
 
+def test_packed_contexts_read_back_within_their_block():
+  """Contexts packed end to end: each context's real slots are distinct packed tokens of its
+  block's share, read back in order by start + slot, and modulo the share within the block
+  (what a shard sees)."""
+  contexts = [[1, 2, 3], [7], [], [1, 2], [7, 8], []]  # two blocks of three, as above
+  ids, mask = prompts.left_padded(contexts, 0, 4)
+  starts, total = prefix.pack_contexts(mask, blocks=2)
+  share = total // 2
+  assert total == 2 * (4 + 4)  # each share: one width of unowned slots, then 4 real tokens
+  packed = np.full(total, -1)
+  for c in range(len(contexts)):
+    places = starts[c] + np.arange(4)
+    assert (places // share == c // 3).all()  # inside its own block's share
+    assert (packed[places[mask[c]]] == -1).all()  # no real token shares a place
+    packed[places[mask[c]]] = ids[c][mask[c]]
+  for c in range(len(contexts)):
+    local = packed[(c // 3) * share:(c // 3 + 1) * share]
+    np.testing.assert_array_equal(local[starts[c] % share + np.arange(4)][mask[c]], contexts[c])
+  with pytest.raises(ValueError, match='equal blocks'):
+    prefix.pack_contexts(mask, blocks=4)
+
+
 def test_shared_contexts_give_the_answers_of_whole_prompts():
   """Caches of examples that share their text's tokens as one context answer as the same
   prompts cached whole: margins, the slot's prior and the step's gradient."""
@@ -193,7 +215,10 @@ def test_shared_contexts_give_the_answers_of_whole_prompts():
   ctx_ids, ctx_mask = prompts.left_padded(contexts, 0, 16)
   shared = prefix.prefix_caches(model, params, SHARED, ids, mask, chunk=4,
                                 contexts=(ctx_ids, ctx_mask, context_of))
-  assert shared.context_k.shape[1] == 5 and shared.k.shape[2] == prompts.OWN_PAD_AFTER_CONTEXT
+  # Packed: the contexts' real tokens and one width of slots before them, no padding.
+  assert shared.context_k.shape[1] == ctx_mask.shape[1] + ctx_mask.sum()
+  assert shared.context_valid.shape == (5, ctx_mask.shape[1])
+  assert shared.k.shape[2] == prompts.OWN_PAD_AFTER_CONTEXT
   np.testing.assert_allclose(shared.log_prior, whole.log_prior, atol=1e-4)
   idx = jnp.asarray([8, 0, 3, 9, 5, 6, 1])
   p = jax.nn.softmax(jnp.asarray(rng.normal(size=(1, TINY.vocab_size)) * 3))

@@ -73,9 +73,9 @@ def test_data_specs_split_examples_on_data_and_kv_heads_on_model():
   assert specs.caches.valid == P('data', None)
   assert specs.caches.log_prior == P('data', 'model')
   # Contexts are split like the examples: each shard holds the block its examples read.
-  assert specs.caches.context_k == P(None, 'data', None, 'model', None)
+  assert specs.caches.context_k == P(None, 'data', 'model', None)  # packed tokens
   assert specs.caches.context_valid == P('data', None)
-  assert specs.caches.context_of == P('data')
+  assert specs.caches.context_start == P('data') and specs.caches.context_of == P('data')
   assert specs.targets == P('data') and specs.schedule == P(None, 'data')
   assert specs.allowed == P() and specs.params['embed'] == P('model', None)
   manual = sharding.data_axis_specs(specs)

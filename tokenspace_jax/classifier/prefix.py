@@ -40,15 +40,18 @@ class PrefixCaches(flax.struct.PyTreeNode):
   # it (``engine.pool.contrast_baseline``); None: margins are used as the model gives them.
   baseline: jax.Array | None = None
   # Contexts: tokens between the shared part and the own ones that several examples share (the
-  # text that several words are asked of), stored once each. None: every example's tokens after
-  # the shared part are its own.
-  context_k: jax.Array | None = None  # [layers, contexts, C, kv_heads, head_dim]
+  # text that several words are asked of), stored once each, packed end to end on one token
+  # axis (``pack_contexts``): one text is often half as long as the longest, and stored
+  # left-padded to the longest width they took twice the memory. None: every example's tokens
+  # after the shared part are its own.
+  context_k: jax.Array | None = None  # [layers, T, kv_heads, head_dim]: the packed tokens
   context_v: jax.Array | None = None
-  context_valid: jax.Array | None = None  # [contexts, C]
-  # [examples] each example's context. On a mesh the contexts are split along ``data`` like the
-  # examples, each shard's examples reading only its own block of them; the index is the global
-  # one, and ``take`` reduces it modulo the contexts it sees (all of them, or inside a
-  # ``shard_map`` its shard's block), which is the index into either.
+  context_valid: jax.Array | None = None  # [contexts, C]: each context's real slots, left-padded
+  context_start: jax.Array | None = None  # [contexts] the packed token of each one's first slot
+  # [examples] each example's context. On a mesh the contexts (and their packed tokens) are split
+  # along ``data`` like the examples, each shard's examples reading only its own block of them;
+  # the indices are global ones, and ``take`` reduces them modulo the contexts and tokens it sees
+  # (all of them, or inside a ``shard_map`` its shard's block), which is the index into either.
   context_of: jax.Array | None = None
 
   @property
@@ -75,18 +78,42 @@ class PrefixCaches(flax.struct.PyTreeNode):
     """
     context = {}
     if self.context_k is not None:
-      rows = jnp.take(self.context_of, idx) % self.context_k.shape[1]
-      context = dict(context_k=self.context_k, context_v=self.context_v, context_rows=rows,
+      rows = jnp.take(self.context_of, idx) % self.context_valid.shape[0]
+      starts = jnp.take(self.context_start, rows) % self.context_k.shape[1]
+      context = dict(context_k=self.context_k, context_v=self.context_v, context_starts=starts,
                      context_valid=jnp.take(self.context_valid, rows, axis=0))
     return PrefixCache(shared_k=self.shared_k, shared_v=self.shared_v, k=self.k, v=self.v,
                        valid=jnp.take(self.valid, idx, axis=0), rows=idx, **context)
+
+
+def pack_contexts(context_mask: np.ndarray, blocks: int = 1) -> tuple[np.ndarray, int]:
+  """Where each context's slots begin on the packed token axis ([contexts] int32), and the
+  axis's length, for left-padded contexts ``context_mask`` [contexts, C] in ``blocks`` equal
+  runs (the data shards, ``prompts.split_contexts``).
+
+  Each run gets an equal share of the axis: C tokens that no context owns, then its contexts'
+  tokens end to end. Slot j of a context reads packed token start + j, so its C slots are the C
+  tokens that end with its last one; those before its first token belong to the context before
+  it (or to the C unowned ones) and are masked. Starts are global; a run's are less than its
+  share's length past the share's beginning, so modulo that length they index a shard's block.
+  """
+  mask = np.asarray(context_mask, bool)
+  n, width = mask.shape
+  if n % blocks:
+    raise ValueError(f'{n} contexts do not split into {blocks} equal blocks.')
+  per = n // blocks
+  lengths = mask.sum(axis=1)
+  share = width + max(int(lengths[b * per:(b + 1) * per].sum()) for b in range(blocks))
+  starts = np.concatenate([b * share + np.cumsum(lengths[b * per:(b + 1) * per])
+                           for b in range(blocks)]).astype(np.int32)
+  return starts, share * blocks
 
 
 def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.ndarray,
                   prefix_mask: np.ndarray, chunk: int = 16, cache_dtype=None,
                   out_shardings=None, pad_to: int = 16,
                   contexts: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-                  ) -> PrefixCaches:
+                  context_blocks: int = 1) -> PrefixCaches:
   """Caches and priors for all examples, computed in jitted chunks of a fixed size.
 
   The part every prompt shares (``shared_ids``: instructions, few-shot examples) is run once,
@@ -111,10 +138,11 @@ def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.n
   caches under float32 activations take half the memory and each step reads them widened.
 
   ``contexts`` (ids [C, W_c], mask, and each example's context [N], as
-  ``prompts.EncodedPrompts`` holds them) are run first, each once, on the shared part; each
-  example's own tokens then run on the shared part and its context (as stored, so in
-  ``cache_dtype``). An empty context row (a block's padding, or an example's own empty context,
-  see ``prompts.split_contexts``) is not run: nothing in it is attended.
+  ``prompts.EncodedPrompts`` holds them, in ``context_blocks`` equal runs) are run first, each
+  once, on the shared part, and kept packed (``pack_contexts``); each example's own tokens then
+  run on the shared part and its context (as stored, so in ``cache_dtype``). An empty context
+  row (a block's padding, or an example's own empty context, see ``prompts.split_contexts``) is
+  not run: nothing in it is attended.
   """
   n, width = prefix_ids.shape
   n_shared = len(shared_ids)
@@ -142,16 +170,17 @@ def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.n
   @jax.jit
   def run_context(params, shared_k, shared_v, ids, mask):
     _, parts = run_block(params, PrefixCache.shared_only(shared_k, shared_v), ids, mask,
-                         contexts[0].shape[1])
-    return parts
+                         ids.shape[1])
+    return parts[:2]  # the chunk's width: its tokens are written to their packed places
 
   @jax.jit
   def run(params, shared_k, shared_v, context, context_rows, ids, mask):
     cache = PrefixCache.shared_only(shared_k, shared_v)
     if context is not None:  # each row reads its context in place, as a step does
-      k, v, valid = context
+      k, v, valid, start = context
       cache = PrefixCache.with_context(shared_k, shared_v, k, v,
-                                       jnp.take(valid, context_rows, axis=0), context_rows)
+                                       jnp.take(valid, context_rows, axis=0),
+                                       jnp.take(start, context_rows))
     hidden, parts = run_block(params, cache, ids, mask, width)
     logits = model.apply({'params': params}, hidden[:, -1], method=Llama.logits)
     return (*parts, jax.nn.log_softmax(logits, axis=-1))
@@ -167,37 +196,41 @@ def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.n
     contexts = None  # every context empty: each example's tokens are all its own
   if contexts is not None:
     context_ids, context_mask, context_of = contexts
-    n_ctx = len(context_ids)
-    writer = _ShardedWriter(n_ctx, (1, 1, 0), lambda parts: PrefixCaches(
-        k=None, v=None, valid=None, log_prior=None, shared_k=None, shared_v=None,
-        context_k=parts[0], context_v=parts[1], context_valid=parts[2]),
-        lambda c: (c.context_k, c.context_v, c.context_valid), out_shardings)
-    real = np.flatnonzero(np.asarray(context_mask).any(axis=1))
+    context_mask = np.asarray(context_mask, bool)
+    starts, tokens = pack_contexts(context_mask, context_blocks)
+    writer = _ShardedWriter((tokens, tokens), (1, 1), lambda parts: PrefixCaches(
+        k=None, v=None, valid=None, log_prior=None, context_k=parts[0], context_v=parts[1]),
+        lambda c: (c.context_k, c.context_v), out_shardings)
+    real = np.flatnonzero(context_mask.any(axis=1))
+    slots = context_mask.shape[1]
     for rows, ids, mask in _chunks(context_ids, context_mask, real, chunk, pad_to):
-      writer.write(rows, run_context(params, shared_k, shared_v, ids, mask))
-    context_k, context_v, context_valid = writer.buffers
-    context = (context_k, context_v, context_valid)
-  writer = _ShardedWriter(n, (1, 1, 0, 0), lambda parts: PrefixCaches(
+      # Column j of a chunk w wide is slot slots - w + j; padding goes past the end: dropped.
+      w = ids.shape[1]
+      where = np.where(mask, starts[rows, None] + (slots - w) + np.arange(w), tokens)
+      writer.write((where, where), run_context(params, shared_k, shared_v, ids, mask))
+    context = (*writer.buffers, jnp.asarray(context_mask), jnp.asarray(starts))
+  writer = _ShardedWriter((n,) * 4, (1, 1, 0, 0), lambda parts: PrefixCaches(
       k=parts[0], v=parts[1], valid=parts[2], log_prior=parts[3],
       shared_k=_abstract(shared[0]), shared_v=_abstract(shared[1])),
       lambda c: (c.k, c.v, c.valid, c.log_prior), out_shardings)
   own_pad = pad_to if context is None else min(pad_to, OWN_PAD_AFTER_CONTEXT)
   for rows, ids, mask in _chunks(prefix_ids, prefix_mask, np.arange(n), chunk, own_pad):
     context_rows = None if context is None else jnp.asarray(np.asarray(context_of)[rows])
-    writer.write(rows, run(params, shared_k, shared_v, context, context_rows, ids, mask))
+    writer.write((rows,) * 4, run(params, shared_k, shared_v, context, context_rows, ids, mask))
   k, v, valid, log_prior = writer.buffers
   result = PrefixCaches(k=k, v=v, valid=valid, log_prior=log_prior, shared_k=shared[0],
                         shared_v=shared[1])
   if context is not None:
-    result = result.replace(context_k=context_k, context_v=context_v,
-                            context_valid=context_valid,
+    result = result.replace(context_k=context[0], context_v=context[1],
+                            context_valid=context[2], context_start=context[3],
                             context_of=jnp.asarray(context_of, jnp.int32))
   if out_shardings is None:
     return result
-  # The shared part and the context index are small: placed once, as a whole.
+  # The shared part and the contexts' masks and indices are small: placed once, as a whole.
   placed = out_shardings(jax.tree.map(_abstract, result))
   return result.replace(**{name: jax.device_put(getattr(result, name), getattr(placed, name))
-                           for name in ('shared_k', 'shared_v', 'context_of')
+                           for name in ('shared_k', 'shared_v', 'context_valid', 'context_start',
+                                        'context_of')
                            if getattr(result, name) is not None})
 
 
@@ -220,23 +253,25 @@ def _chunks(ids: np.ndarray, mask: np.ndarray, rows: np.ndarray, chunk: int, pad
 
 
 class _ShardedWriter:
-  """Chunks of a few arrays (one row per entry of a chunk's ``rows`` along each array's axis in
-  ``axes``), written into preallocated (sharded) buffers of ``n`` rows, in place.
+  """Chunks of a few arrays written into preallocated (sharded) buffers in place: each array
+  along its axis in ``axes``, to the places a chunk names (an index array whose shape is that
+  of the chunk's axes from there on), in a buffer of ``sizes`` places along it.
 
   ``abstract`` builds a ``PrefixCaches`` of ``jax.ShapeDtypeStruct``s from the buffers' shapes,
   for ``out_shardings`` to place; ``pick`` takes the buffers' fields back out of it.
   """
 
-  def __init__(self, n: int, axes: tuple[int, ...], abstract, pick, out_shardings):
-    self.n, self.axes, self.abstract, self.pick = n, axes, abstract, pick
+  def __init__(self, sizes: tuple[int, ...], axes: tuple[int, ...], abstract, pick,
+               out_shardings):
+    self.sizes, self.axes, self.abstract, self.pick = sizes, axes, abstract, pick
     self.out_shardings, self.buffers, self._write = out_shardings, None, None
 
-  def _allocate(self, parts):
-    def full(x, axis):
-      shape = list(x.shape)
-      shape[axis] = self.n
-      return jax.ShapeDtypeStruct(tuple(shape), x.dtype)
-    full_parts = [full(x, a) for x, a in zip(parts, self.axes, strict=True)]
+  def _allocate(self, parts, places):
+    def full(x, axis, size, index):
+      shape = x.shape[:axis] + (size,) + x.shape[axis + np.ndim(index):]
+      return jax.ShapeDtypeStruct(shape, x.dtype)
+    full_parts = [full(x, a, n, i) for x, a, n, i in zip(parts, self.axes, self.sizes, places,
+                                                          strict=True)]
     # Without shardings the arrays stay uncommitted, like any jnp result, so a jitted step that
     # also takes uncommitted state compiles once.
     targets = (None if self.out_shardings is None
@@ -244,21 +279,23 @@ class _ShardedWriter:
     self.buffers = jax.jit(lambda: tuple(jnp.zeros(x.shape, x.dtype) for x in full_parts),
                            out_shardings=targets)()
 
-    def write(buffers, parts, rows):
-      # A scatter along the example axis of the donated buffers, in place. A padded chunk's
-      # repeated rows write the same values twice.
-      def put(buf, part, axis):
-        index = (slice(None),) * axis + (rows,)
-        return buf.at[index].set(part.astype(buf.dtype), mode='promise_in_bounds')
-      return tuple(put(b, p, a) for b, p, a in zip(buffers, parts, self.axes, strict=True))
+    def write(buffers, parts, places):
+      # A scatter along each buffer's axis, in place (the buffers are donated). A padded
+      # chunk's repeated rows write the same values twice; a place past the end is dropped.
+      def put(buf, part, axis, where):
+        index = (slice(None),) * axis + (where,)
+        return buf.at[index].set(part.astype(buf.dtype), mode='drop')
+      return tuple(put(b, p, a, w) for b, p, a, w in zip(buffers, parts, self.axes, places,
+                                                          strict=True))
 
     self._write = jax.jit(write, donate_argnums=(0,), out_shardings=targets)
 
-  def write(self, rows: np.ndarray, parts):
-    """Writes a chunk's ``parts`` (one row per entry of ``rows``) to rows ``rows``."""
+  def write(self, places: tuple[np.ndarray, ...], parts):
+    """Writes a chunk's ``parts`` to ``places`` (one index array per part)."""
     if self.buffers is None:
-      self._allocate(parts)
-    self.buffers = self._write(self.buffers, parts, jnp.asarray(rows, jnp.int32))
+      self._allocate(parts, places)
+    self.buffers = self._write(self.buffers, parts,
+                               tuple(jnp.asarray(p, jnp.int32) for p in places))
 
 
 def answer_log_probs(model: Llama, params, cache: KVCache | PrefixCache,

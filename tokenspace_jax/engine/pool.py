@@ -146,7 +146,7 @@ def build_pool(config: ConfigDict, lm: LoadedModel, features: list[Feature],
   caches = prefix.prefix_caches(lm.model, lm.params, enc.shared_ids, enc.prefix_ids,
                                 enc.prefix_mask, chunk=config.eval.prefix_batch_size,
                                 cache_dtype=cache_dtype(config, lm), out_shardings=placement,
-                                contexts=contexts)
+                                contexts=contexts, context_blocks=shards)
   fraction = config.data.positive_fraction if config.data.sampling == 'balanced' else None
   try:
     schedules = np.stack([
@@ -230,18 +230,21 @@ def cache_dtype(config: ConfigDict, lm: LoadedModel):
   return jnp.dtype(config.model.cache_dtype or lm.model.dtype)
 
 
-def cache_bytes(lm: LoadedModel, enc: prompts.EncodedPrompts, slots: int, dtype) -> int:
+def cache_bytes(lm: LoadedModel, enc: prompts.EncodedPrompts, slots: int, dtype,
+                blocks: int = 1) -> int:
   """Bytes the prefix caches of ``slots`` examples take: keys and values of their own tokens
-  and of their contexts, their slot priors (one vocabulary row each, held until the pool has
-  averaged them) and the validity masks, with the keys and values in ``dtype``."""
+  and of their contexts (packed, in ``blocks`` shares), their slot priors (one vocabulary row
+  each, held until the pool has averaged them) and the validity masks, with the keys and values
+  in ``dtype``."""
   c = lm.config
   itemsize = jnp.dtype(dtype).itemsize
-  kv = lambda width: 2 * c.num_layers * width * c.num_kv_heads * c.head_dim * itemsize
+  kv = lambda tokens: 2 * c.num_layers * tokens * c.num_kv_heads * c.head_dim * itemsize
   width = enc.prefix_ids.shape[1]
   total = slots * (kv(width) + 4 * c.vocab_size + width)
   if enc.context_ids is not None:
     contexts, context_width = enc.context_ids.shape
-    total += contexts * (kv(context_width) + context_width) + 4 * slots
+    _, tokens = prefix.pack_contexts(enc.context_mask, blocks)
+    total += kv(tokens) + contexts * (context_width + 4) + 4 * slots
   return total
 
 
@@ -263,7 +266,7 @@ def _available_bytes() -> int | None:
 
 
 def _check_memory(lm, enc, slots: int, shards: int, config: ConfigDict):
-  need = cache_bytes(lm, enc, slots, cache_dtype(config, lm))
+  need = cache_bytes(lm, enc, slots, cache_dtype(config, lm), shards)
   per_device = need // shards
   if os.environ.get('TOKENSPACE_JAX_SKIP_MEMORY_CHECK'):
     return

@@ -53,8 +53,11 @@ class PrefixCache(flax.struct.PyTreeNode):
   examples' own tokens are gathered.
 
   Between the two there may be a *context* block: tokens that several prompts, but not all,
-  share (the text that several examples ask about, one word each), stored once per context and
-  read by each batch row from its context's row, as the own tokens are.
+  share (the text that several examples ask about, one word each), stored once per context.
+  Contexts differ in length far more than own tokens do, so they are packed: their tokens lie
+  end to end on one token axis, and each batch row reads the ``C`` consecutive tokens that end
+  with its context's last one (the slots before its first token hold the previous context's
+  tokens and are masked, as left padding would be).
 
   A new block attends [shared | context | own | itself]; nothing is written, so the model returns
   no cache. The one exception is a cache without own tokens (``k`` None, see ``shared_only`` and
@@ -71,12 +74,13 @@ class PrefixCache(flax.struct.PyTreeNode):
   v: jax.Array | None
   valid: jax.Array | None  # [batch, W] bool: the own slots of each batch row that hold real tokens
   rows: jax.Array | None  # [batch] int32: the example (index into ``k``'s second axis) of each row
-  # [layers, contexts, C, kv_heads, head_dim]: tokens shared by some prompts, left-padded; None
-  # where the prompts have no context block.
+  # [layers, T, kv_heads, head_dim]: the packed tokens of the contexts, tokens shared by some
+  # prompts; None where the prompts have no context block.
   context_k: jax.Array | None = None
   context_v: jax.Array | None = None
   context_valid: jax.Array | None = None  # [batch, C] bool: each batch row's real context slots
-  context_rows: jax.Array | None = None  # [batch] int32: the context of each batch row
+  # [batch] int32: where each batch row's C context slots begin on the packed token axis
+  context_starts: jax.Array | None = None
 
   @classmethod
   def shared_only(cls, shared_k: jax.Array | None, shared_v: jax.Array | None) -> PrefixCache:
@@ -85,12 +89,13 @@ class PrefixCache(flax.struct.PyTreeNode):
 
   @classmethod
   def with_context(cls, shared_k, shared_v, context_k, context_v, context_valid,
-                   context_rows) -> PrefixCache:
+                   context_starts) -> PrefixCache:
     """Shared tokens and a context per batch row, ready to have each prompt's own tokens run on
-    top (``context_valid`` [batch, C] is already the batch rows')."""
+    top (``context_valid`` [batch, C] and ``context_starts`` [batch] are already the batch
+    rows')."""
     return cls.shared_only(shared_k, shared_v).replace(
         context_k=context_k, context_v=context_v, context_valid=context_valid,
-        context_rows=context_rows)
+        context_starts=context_starts)
 
   @property
   def appends(self) -> bool:
@@ -123,6 +128,9 @@ class PrefixCache(flax.struct.PyTreeNode):
     return at(self.k), at(self.v)
 
   def context_layer(self, layer: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Keys and values [batch, C, kv_heads, head_dim] of the batch's contexts in ``layer``."""
-    at = lambda x: x.at[layer, self.context_rows].get(mode='clip')
+    """Keys and values [batch, C, kv_heads, head_dim] of the batch's contexts in ``layer``: a
+    run of C consecutive packed tokens per row (a gather about as fast as one of whole rows)."""
+    tokens = self.context_starts[:, None] + jnp.arange(self.context_valid.shape[1],
+                                                       dtype=self.context_starts.dtype)
+    at = lambda x: x.at[layer, tokens].get(mode='clip')
     return at(self.context_k), at(self.context_v)

@@ -125,7 +125,8 @@ def cache_specs(caches: PrefixCaches, mesh: Mesh) -> PrefixCaches:
   """Prefix caches split along ``data`` by example and along ``model`` by KV head (matching the
   K/V projections); the part every prompt shares is one copy per ``data`` shard. Contexts are
   split along ``data`` like the examples (``prompts.split_contexts`` gives each shard a block
-  holding the contexts of its examples)."""
+  holding the contexts of its examples), and so are their packed tokens
+  (``classifier.prefix.pack_contexts`` gives each block an equal share of them)."""
   fit = lambda spec, x: None if x is None else fit_spec(spec, x.shape, mesh)
   c = caches
   return PrefixCaches(k=fit(P(None, DATA, None, MODEL, None), c.k),
@@ -135,9 +136,10 @@ def cache_specs(caches: PrefixCaches, mesh: Mesh) -> PrefixCaches:
                       shared_k=fit(P(None, None, MODEL, None), c.shared_k),
                       shared_v=fit(P(None, None, MODEL, None), c.shared_v),
                       baseline=fit(P(DATA), c.baseline),
-                      context_k=fit(P(None, DATA, None, MODEL, None), c.context_k),
-                      context_v=fit(P(None, DATA, None, MODEL, None), c.context_v),
+                      context_k=fit(P(None, DATA, MODEL, None), c.context_k),
+                      context_v=fit(P(None, DATA, MODEL, None), c.context_v),
                       context_valid=fit(P(DATA, None), c.context_valid),
+                      context_start=fit(P(DATA), c.context_start),
                       context_of=fit(P(DATA), c.context_of))
 
 
