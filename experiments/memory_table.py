@@ -49,9 +49,12 @@ def abstract_data(model: Llama, examples: int, prefix: int, batch: int, tail: in
                   steps: int = 300) -> descent.DescentData:
   c = model.config
   s = jax.ShapeDtypeStruct
-  kv = s((c.num_layers, examples, prefix, c.num_kv_heads, c.head_dim), model.dtype)
+  # Packed (classifier.prefix.pack_left_padded): every example's tokens, and a width of slots no
+  # example owns per data shard (8 of them, so that any data size up to 8 divides the axis).
+  kv = s((c.num_layers, (examples + 8) * prefix, c.num_kv_heads, c.head_dim), model.dtype)
   # The per-example priors are averaged and dropped when the pool is built (engine.pool).
-  caches = PrefixCaches(k=kv, v=kv, valid=s((examples, prefix), jnp.bool_), log_prior=None)
+  caches = PrefixCaches(k=kv, v=kv, valid=s((examples, prefix), jnp.bool_),
+                        start=s((examples,), jnp.int32), log_prior=None)
   return descent.DescentData(
       params=abstract_params(model), caches=caches, targets=s((examples,), jnp.float32),
       schedule=s((steps, batch), jnp.int32), tail_ids=s((tail,), jnp.int32),
@@ -99,8 +102,9 @@ def row(model: Llama, data: descent.DescentData, data_size: int, model_size: int
   sh = sharding.data_shardings(data, mesh)
   out = {'mesh': f'{data_size}x{model_size}',
          'weights': shard_bytes(data.params, sh.params),
-         'caches': shard_bytes((data.caches.k, data.caches.v, data.caches.valid),
-                               (sh.caches.k, sh.caches.v, sh.caches.valid)),
+         'caches': shard_bytes((data.caches.k, data.caches.v, data.caches.valid,
+                                data.caches.start),
+                               (sh.caches.k, sh.caches.v, sh.caches.valid, sh.caches.start)),
          'other': shard_bytes((data.targets, data.schedule, data.tail_ids, data.answer_ids,
                                data.allowed, data.mean_log_prior),
                               (sh.targets, sh.schedule, sh.tail_ids, sh.answer_ids, sh.allowed,

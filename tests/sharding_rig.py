@@ -92,7 +92,7 @@ def host_problem(model, params, data_shards: int):
   context_ids, context_mask = prompts.left_padded(contexts, 0, 8)
   caches = jax.tree.map(np.asarray, prefix.prefix_caches(
       model, params, np.zeros(0, np.int32), ids, mask, chunk=8,
-      contexts=(context_ids, context_mask, context_of), context_blocks=data_shards))
+      contexts=(context_ids, context_mask, context_of), blocks=data_shards))
   train = ~layout.padding & (layout.order < N_TRAIN)
   schedule = shard_layout.shard_schedule(layout, targets, STEPS, BATCH, 0.5, seed=0)
   allowed = np.ones(TINY.vocab_size, bool)

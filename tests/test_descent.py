@@ -88,16 +88,17 @@ def test_cached_tail_equals_full_prompt(width, max_pad):
   model, params = _tiny()
   ids, mask = _prefixes(6, width, max_pad=max_pad)
   caches = prefix.prefix_caches(model, params, SHARED, ids, mask, chunk=4)
-  assert caches.k.shape[2] == width
+  assert caches.valid.shape[1] == width
+  assert caches.k.shape[1] == width + mask.sum()  # packed: no padding is stored
   np.testing.assert_array_equal(caches.valid, mask)
   # Chunks run as wide as their longest prompt (rounded up to pad_to): every width computes
-  # the same caches as the common one, each example written back to its own row.
+  # the same caches as the common one, each token written to its packed place.
   for pad_to in (1, width):
     other = prefix.prefix_caches(model, params, SHARED, ids, mask, chunk=4, pad_to=pad_to)
     np.testing.assert_array_equal(other.valid, mask)
     for got, want in ((other.k, caches.k), (other.v, caches.v)):
       # The tiny random model's keys reach ~100: float32 rounding, relative to that scale.
-      np.testing.assert_allclose(np.asarray(got)[:, mask], np.asarray(want)[:, mask], rtol=1e-4,
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4,
                                  atol=1e-5 * float(np.abs(want).max()))
     np.testing.assert_allclose(other.log_prior, caches.log_prior, rtol=1e-4, atol=1e-4)
   rng = np.random.default_rng(0)
@@ -179,7 +180,7 @@ def test_packed_contexts_read_back_within_their_block():
   (what a shard sees)."""
   contexts = [[1, 2, 3], [7], [], [1, 2], [7, 8], []]  # two blocks of three, as above
   ids, mask = prompts.left_padded(contexts, 0, 4)
-  starts, total = prefix.pack_contexts(mask, blocks=2)
+  starts, total = prefix.pack_left_padded(mask, blocks=2)
   share = total // 2
   assert total == 2 * (4 + 4)  # each share: one width of unowned slots, then 4 real tokens
   packed = np.full(total, -1)
@@ -192,7 +193,7 @@ def test_packed_contexts_read_back_within_their_block():
     local = packed[(c // 3) * share:(c // 3 + 1) * share]
     np.testing.assert_array_equal(local[starts[c] % share + np.arange(4)][mask[c]], contexts[c])
   with pytest.raises(ValueError, match='equal blocks'):
-    prefix.pack_contexts(mask, blocks=4)
+    prefix.pack_left_padded(mask, blocks=4)
 
 
 def test_shared_contexts_give_the_answers_of_whole_prompts():
@@ -218,7 +219,7 @@ def test_shared_contexts_give_the_answers_of_whole_prompts():
   # Packed: the contexts' real tokens and one width of slots before them, no padding.
   assert shared.context_k.shape[1] == ctx_mask.shape[1] + ctx_mask.sum()
   assert shared.context_valid.shape == (5, ctx_mask.shape[1])
-  assert shared.k.shape[2] == prompts.OWN_PAD_AFTER_CONTEXT
+  assert shared.valid.shape[1] == prompts.OWN_PAD_AFTER_CONTEXT
   np.testing.assert_allclose(shared.log_prior, whole.log_prior, atol=1e-4)
   idx = jnp.asarray([8, 0, 3, 9, 5, 6, 1])
   p = jax.nn.softmax(jnp.asarray(rng.normal(size=(1, TINY.vocab_size)) * 3))

@@ -64,7 +64,8 @@ def test_prefix_caches_store_the_shared_part_once():
   data, *_ = _problem()
   c = data.caches
   assert c.shared_k.shape == (TINY.num_layers, len(SHARED), TINY.num_kv_heads, TINY.head_dim)
-  assert c.k.shape[:3] == (TINY.num_layers, 12, 8)  # only each example's own tokens
+  assert c.valid.shape == (12, 8)  # only each example's own tokens, packed:
+  assert c.k.shape[:2] == (TINY.num_layers, 8 + int(np.asarray(c.valid).sum()))
   view = c.take(jnp.asarray([3, 1]))
   assert view.k is c.k  # read in place by row, not gathered into a copy
   np.testing.assert_array_equal(view.lengths, len(SHARED) + np.asarray(c.valid)[[3, 1]].sum(1))

@@ -118,9 +118,10 @@ def test_kv_cache_and_prefix_cache_with_biases(tiny_qwen2):
   np.testing.assert_allclose(np.asarray(head), full[:, :14], atol=1e-5, rtol=0)
   np.testing.assert_allclose(np.asarray(tail), full[:, 14:], atol=1e-5, rtol=0)
   # The same prefixes as [shared 8 | own 6], attended read-only by rows in swapped order.
+  packed = lambda x: x[:, :, 8:14].reshape(x.shape[0], 12, *x.shape[3:])  # row i at 6i
   prefix = PrefixCache(shared_k=cache.k[:, 0, :8], shared_v=cache.v[:, 0, :8],
-                       k=cache.k[:, :, 8:14], v=cache.v[:, :, 8:14],
-                       valid=jnp.ones((2, 6), bool), rows=jnp.asarray([1, 0], jnp.int32))
+                       k=packed(cache.k), v=packed(cache.v),
+                       valid=jnp.ones((2, 6), bool), starts=jnp.asarray([6, 0], jnp.int32))
   swapped, _ = _apply(loaded.model, loaded.params, jnp.asarray(tokens[::-1, 14:]), cache=prefix)
   np.testing.assert_allclose(np.asarray(swapped), full[::-1, 14:], atol=1e-5, rtol=0)
 

@@ -194,7 +194,7 @@ def finished_batch(batch_records, model_dir, tiny_lm, tmp_path_factory):
   def spy(config, lm, features, **kwargs):
     labeled = real(config, lm, features, **kwargs)
     seen['features'] = {f.name: f for f in features}
-    seen['width'] = labeled.pool.caches.k.shape[2]
+    seen['width'] = labeled.pool.caches.valid.shape[1]
     return labeled
 
   logger = logging.getLogger('tokenspace_jax')

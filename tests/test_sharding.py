@@ -69,17 +69,17 @@ def test_llama3_8b_tensor_parallel_rules():
 def test_data_specs_split_examples_on_data_and_kv_heads_on_model():
   host, _ = rig.host_problem(*rig.tiny_model(), 4)
   specs = sharding.data_specs(host, _abstract_mesh(4, 2))
-  assert specs.caches.k == P(None, 'data', None, 'model', None)
-  assert specs.caches.valid == P('data', None)
+  assert specs.caches.k == P(None, 'data', 'model', None)  # packed tokens
+  assert specs.caches.valid == P('data', None) and specs.caches.start == P('data')
   assert specs.caches.log_prior == P('data', 'model')
   # Contexts are split like the examples: each shard holds the block its examples read.
-  assert specs.caches.context_k == P(None, 'data', 'model', None)  # packed tokens
+  assert specs.caches.context_k == P(None, 'data', 'model', None)
   assert specs.caches.context_valid == P('data', None)
   assert specs.caches.context_start == P('data') and specs.caches.context_of == P('data')
   assert specs.targets == P('data') and specs.schedule == P(None, 'data')
   assert specs.allowed == P() and specs.params['embed'] == P('model', None)
   manual = sharding.data_axis_specs(specs)
-  assert manual.caches.k == P(None, 'data', None, None, None)
+  assert manual.caches.k == P(None, 'data', None, None)
   assert manual.params['embed'] == P(None, None)
   with pytest.raises(sharding.MeshError, match='batch'):
     sharding.data_specs(host.replace(schedule=host.schedule[:, :15]), _abstract_mesh(4, 2))
@@ -250,8 +250,11 @@ def test_sharded_step_matches_one_device(children):
   _assert_matches(results, '8x1', 8)
   _assert_matches(results, '4x2', 4)
   _assert_matches(results, '1x8', 1)  # pure tensor parallelism: no data axis to reduce over
-  np.testing.assert_array_equal(results['8x1/cache_shard_shape'], [2, 5, 8, 2, 8])
-  np.testing.assert_array_equal(results['4x2/cache_shard_shape'], [2, 10, 8, 1, 8])
+  # Each device holds its data shard's share of the packed tokens, and its kv heads.
+  total = int(results['8x1/cache_shape'][1])
+  np.testing.assert_array_equal(results['8x1/cache_shard_shape'], [2, total // 8, 2, 8])
+  total = int(results['4x2/cache_shape'][1])
+  np.testing.assert_array_equal(results['4x2/cache_shard_shape'], [2, total // 4, 1, 8])
   assert expected[8]['loss'][0] != expected[4]['loss'][0]  # the layouts draw other batches
 
 
@@ -276,7 +279,6 @@ def test_prefix_caches_written_into_sharded_buffers_equal_the_concatenated_ones(
   mesh = sharding.make_mesh(data=1, model=1)
   placed = prefix.prefix_caches(model, params, shared, ids, mask, chunk=4,
                                     out_shardings=lambda a: sharding.cache_shardings(a, mesh))
-  assert placed.k.sharding == jax.sharding.NamedSharding(mesh, P(None, 'data', None, 'model',
-                                                                  None))
-  for name in ('k', 'v', 'valid', 'log_prior', 'shared_k', 'shared_v'):
+  assert placed.k.sharding == jax.sharding.NamedSharding(mesh, P(None, 'data', 'model', None))
+  for name in ('k', 'v', 'valid', 'start', 'log_prior', 'shared_k', 'shared_v'):
     np.testing.assert_array_equal(getattr(placed, name), getattr(plain, name), err_msg=name)

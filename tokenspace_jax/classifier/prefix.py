@@ -22,14 +22,20 @@ class PrefixCaches(flax.struct.PyTreeNode):
   """Every example's prompt up to the slot, as keys/values; the shared part stored once.
 
   ``shared_k``/``shared_v`` (None when the prompts share no tokens) hold the tokens every prompt
-  starts with; ``k``/``v`` each example's own tokens after them, left-padded. Storing the shared
-  part once, rather than in every example's cache, makes the caches several times smaller, and a
-  step attends it as one matrix for the whole batch instead of gathering it per example.
+  starts with; ``k``/``v`` each example's own tokens after them. Storing the shared part once,
+  rather than in every example's cache, makes the caches several times smaller, and a step
+  attends it as one matrix for the whole batch instead of gathering it per example.
+
+  Own tokens (and contexts) are kept *packed* (``pack_left_padded``): end to end on one token
+  axis, each example's W slots the W tokens that end with its last one. Prompts differ in
+  length (a records window's words are 1 to 16 tokens after their text; a sentence 10 to 50),
+  and kept left-padded to the longest they took two to four times the memory.
   """
 
-  k: jax.Array  # [layers, examples, W, kv_heads, head_dim]: own tokens
+  k: jax.Array  # [layers, T, kv_heads, head_dim]: own tokens, packed
   v: jax.Array
-  valid: jax.Array  # [examples, W]
+  valid: jax.Array  # [examples, W]: each example's real slots, left-padded
+  start: jax.Array  # [examples] the packed token of each example's first slot
   # [examples, V]: log q, the model's next-token distribution at the slot. None once the pool has
   # averaged it per feature (``engine.pool``): a step reads only the mean, and on a 152k
   # vocabulary the per-example rows are a large share of the pool (docs/performance.md).
@@ -40,15 +46,13 @@ class PrefixCaches(flax.struct.PyTreeNode):
   # it (``engine.pool.contrast_baseline``); None: margins are used as the model gives them.
   baseline: jax.Array | None = None
   # Contexts: tokens between the shared part and the own ones that several examples share (the
-  # text that several words are asked of), stored once each, packed end to end on one token
-  # axis (``pack_contexts``): one text is often half as long as the longest, and stored
-  # left-padded to the longest width they took twice the memory. None: every example's tokens
-  # after the shared part are its own.
-  context_k: jax.Array | None = None  # [layers, T, kv_heads, head_dim]: the packed tokens
+  # text that several words are asked of), stored once each, packed as the own tokens are.
+  # None: every example's tokens after the shared part are its own.
+  context_k: jax.Array | None = None  # [layers, T_c, kv_heads, head_dim]: packed
   context_v: jax.Array | None = None
   context_valid: jax.Array | None = None  # [contexts, C]: each context's real slots, left-padded
   context_start: jax.Array | None = None  # [contexts] the packed token of each one's first slot
-  # [examples] each example's context. On a mesh the contexts (and their packed tokens) are split
+  # [examples] each example's context. On a mesh the contexts and all packed tokens are split
   # along ``data`` like the examples, each shard's examples reading only its own block of them;
   # the indices are global ones, and ``take`` reduces them modulo the contexts and tokens it sees
   # (all of them, or inside a ``shard_map`` its shard's block), which is the index into either.
@@ -83,24 +87,25 @@ class PrefixCaches(flax.struct.PyTreeNode):
       context = dict(context_k=self.context_k, context_v=self.context_v, context_starts=starts,
                      context_valid=jnp.take(self.context_valid, rows, axis=0))
     return PrefixCache(shared_k=self.shared_k, shared_v=self.shared_v, k=self.k, v=self.v,
-                       valid=jnp.take(self.valid, idx, axis=0), rows=idx, **context)
+                       valid=jnp.take(self.valid, idx, axis=0),
+                       starts=jnp.take(self.start, idx) % self.k.shape[1], **context)
 
 
-def pack_contexts(context_mask: np.ndarray, blocks: int = 1) -> tuple[np.ndarray, int]:
-  """Where each context's slots begin on the packed token axis ([contexts] int32), and the
-  axis's length, for left-padded contexts ``context_mask`` [contexts, C] in ``blocks`` equal
-  runs (the data shards, ``prompts.split_contexts``).
+def pack_left_padded(mask: np.ndarray, blocks: int = 1) -> tuple[np.ndarray, int]:
+  """Where each row's slots begin on a packed token axis ([rows] int32), and the axis's length,
+  for left-padded rows ``mask`` [rows, W] in ``blocks`` equal runs (the data shards: examples
+  as ``shard_layout`` lays them out, contexts as ``prompts.split_contexts`` does).
 
-  Each run gets an equal share of the axis: C tokens that no context owns, then its contexts'
-  tokens end to end. Slot j of a context reads packed token start + j, so its C slots are the C
-  tokens that end with its last one; those before its first token belong to the context before
-  it (or to the C unowned ones) and are masked. Starts are global; a run's are less than its
-  share's length past the share's beginning, so modulo that length they index a shard's block.
+  Each run gets an equal share of the axis: W tokens that no row owns, then its rows' tokens
+  end to end. Slot j of a row reads packed token start + j, so its W slots are the W tokens
+  that end with its last one; those before its first token belong to the row before it (or to
+  the W unowned ones) and are masked. Starts are global; a run's are less than its share's
+  length past the share's beginning, so modulo that length they index a shard's block.
   """
-  mask = np.asarray(context_mask, bool)
+  mask = np.asarray(mask, bool)
   n, width = mask.shape
   if n % blocks:
-    raise ValueError(f'{n} contexts do not split into {blocks} equal blocks.')
+    raise ValueError(f'{n} rows do not split into {blocks} equal blocks.')
   per = n // blocks
   lengths = mask.sum(axis=1)
   share = width + max(int(lengths[b * per:(b + 1) * per].sum()) for b in range(blocks))
@@ -113,20 +118,21 @@ def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.n
                   prefix_mask: np.ndarray, chunk: int = 16, cache_dtype=None,
                   out_shardings=None, pad_to: int = 16,
                   contexts: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-                  context_blocks: int = 1) -> PrefixCaches:
+                  blocks: int = 1) -> PrefixCaches:
   """Caches and priors for all examples, computed in jitted chunks of a fixed size.
 
   The part every prompt shares (``shared_ids``: instructions, few-shot examples) is run once,
   and each chunk's own tokens attend it as one matrix; only each example's own tokens are
   computed per example. The result keeps the shared part once (``shared_k``) and each
-  example's own, left-padded tokens (``k``).
+  example's own tokens (``k``), packed (``pack_left_padded``) in ``blocks`` equal runs of
+  examples (and of contexts): the data shards, each of which holds its run.
 
   Chunks are made of examples of similar length (sorted by their number of own tokens), and each
   runs only as wide as its longest example, rounded up to ``pad_to`` so that a feature compiles
   a few widths, not one per length: one feature's prompts vary in length, and at the common width
   (the longest prompt's) much of each chunk would be padding (docs/results.md, "Time").
-  RoPE positions count real tokens only, so a narrower chunk computes the same caches; they are
-  written back, right-aligned, at the common width the step reads, each example to its own row.
+  RoPE positions count real tokens only, so a narrower chunk computes the same caches; each
+  real token is written to its packed place.
 
   Each chunk is written into preallocated buffers as soon as it is computed, so the caches are
   held once, never as chunks plus their concatenation. ``out_shardings`` (a function from the
@@ -138,8 +144,8 @@ def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.n
   caches under float32 activations take half the memory and each step reads them widened.
 
   ``contexts`` (ids [C, W_c], mask, and each example's context [N], as
-  ``prompts.EncodedPrompts`` holds them, in ``context_blocks`` equal runs) are run first, each
-  once, on the shared part, and kept packed (``pack_contexts``); each example's own tokens then
+  ``prompts.EncodedPrompts`` holds them) are run first, each once, on the shared part, and kept
+  packed as the own tokens are; each example's own tokens then
   run on the shared part and its context (as stored, so in ``cache_dtype``). An empty context
   row (a block's padding, or an example's own empty context, see ``prompts.split_contexts``) is
   not run: nothing in it is attended.
@@ -155,23 +161,19 @@ def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.n
     _, cache = model.apply({'params': params}, ids[None], cache=cache, return_hidden=True)
     return cache.k[:, 0], cache.v[:, 0]
 
-  def run_block(params, cache, ids, mask, full_width):
-    w = ids.shape[1]  # this chunk's width, at most the common one
+  def run_block(params, cache, ids, mask):
     # The block attends the shared part as one matrix for the whole chunk (and each row its
     # context): copying them into every prompt's cache first cost a broadcast and a write of
     # them per chunk.
     hidden, own = model.apply({'params': params}, ids, input_mask=mask, cache=cache,
                               return_hidden=True)
-    # Back to the common width, right-aligned as the left-padded prompts are.
-    store = lambda x: jnp.pad(x, ((0, 0), (0, 0), (full_width - w, 0), (0, 0), (0, 0))).astype(
-        cache_dtype)
-    return hidden, (store(own.k), store(own.v), jnp.pad(own.valid, ((0, 0), (full_width - w, 0))))
+    # The block's keys and values [layers, chunk, w, ...], in the dtype they are kept in.
+    store = lambda x: x.reshape(x.shape[0], *ids.shape, *x.shape[2:]).astype(cache_dtype)
+    return hidden, (store(own.k), store(own.v))
 
   @jax.jit
   def run_context(params, shared_k, shared_v, ids, mask):
-    _, parts = run_block(params, PrefixCache.shared_only(shared_k, shared_v), ids, mask,
-                         ids.shape[1])
-    return parts[:2]  # the chunk's width: its tokens are written to their packed places
+    return run_block(params, PrefixCache.shared_only(shared_k, shared_v), ids, mask)[1]
 
   @jax.jit
   def run(params, shared_k, shared_v, context, context_rows, ids, mask):
@@ -181,7 +183,7 @@ def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.n
       cache = PrefixCache.with_context(shared_k, shared_v, k, v,
                                        jnp.take(valid, context_rows, axis=0),
                                        jnp.take(start, context_rows))
-    hidden, parts = run_block(params, cache, ids, mask, width)
+    hidden, parts = run_block(params, cache, ids, mask)
     logits = model.apply({'params': params}, hidden[:, -1], method=Llama.logits)
     return (*parts, jax.nn.log_softmax(logits, axis=-1))
 
@@ -197,41 +199,51 @@ def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.n
   if contexts is not None:
     context_ids, context_mask, context_of = contexts
     context_mask = np.asarray(context_mask, bool)
-    starts, tokens = pack_contexts(context_mask, context_blocks)
+    starts, tokens = pack_left_padded(context_mask, blocks)
     writer = _ShardedWriter((tokens, tokens), (1, 1), lambda parts: PrefixCaches(
-        k=None, v=None, valid=None, log_prior=None, context_k=parts[0], context_v=parts[1]),
-        lambda c: (c.context_k, c.context_v), out_shardings)
+        k=None, v=None, valid=None, start=None, log_prior=None, context_k=parts[0],
+        context_v=parts[1]), lambda c: (c.context_k, c.context_v), out_shardings)
     real = np.flatnonzero(context_mask.any(axis=1))
-    slots = context_mask.shape[1]
     for rows, ids, mask in _chunks(context_ids, context_mask, real, chunk, pad_to):
-      # Column j of a chunk w wide is slot slots - w + j; padding goes past the end: dropped.
-      w = ids.shape[1]
-      where = np.where(mask, starts[rows, None] + (slots - w) + np.arange(w), tokens)
+      where = _packed_places(starts, tokens, rows, mask, context_mask.shape[1])
       writer.write((where, where), run_context(params, shared_k, shared_v, ids, mask))
     context = (*writer.buffers, jnp.asarray(context_mask), jnp.asarray(starts))
-  writer = _ShardedWriter((n,) * 4, (1, 1, 0, 0), lambda parts: PrefixCaches(
-      k=parts[0], v=parts[1], valid=parts[2], log_prior=parts[3],
+  prefix_mask = np.asarray(prefix_mask, bool)
+  starts, tokens = pack_left_padded(prefix_mask, blocks)
+  writer = _ShardedWriter((tokens, tokens, n), (1, 1, 0), lambda parts: PrefixCaches(
+      k=parts[0], v=parts[1], valid=None, start=None, log_prior=parts[2],
       shared_k=_abstract(shared[0]), shared_v=_abstract(shared[1])),
-      lambda c: (c.k, c.v, c.valid, c.log_prior), out_shardings)
+      lambda c: (c.k, c.v, c.log_prior), out_shardings)
   own_pad = pad_to if context is None else min(pad_to, OWN_PAD_AFTER_CONTEXT)
   for rows, ids, mask in _chunks(prefix_ids, prefix_mask, np.arange(n), chunk, own_pad):
     context_rows = None if context is None else jnp.asarray(np.asarray(context_of)[rows])
-    writer.write((rows,) * 4, run(params, shared_k, shared_v, context, context_rows, ids, mask))
-  k, v, valid, log_prior = writer.buffers
-  result = PrefixCaches(k=k, v=v, valid=valid, log_prior=log_prior, shared_k=shared[0],
-                        shared_v=shared[1])
+    where = _packed_places(starts, tokens, rows, mask, width)
+    writer.write((where, where, rows),
+                 run(params, shared_k, shared_v, context, context_rows, ids, mask))
+  k, v, log_prior = writer.buffers
+  result = PrefixCaches(k=k, v=v, valid=jnp.asarray(prefix_mask), start=jnp.asarray(starts),
+                        log_prior=log_prior, shared_k=shared[0], shared_v=shared[1])
   if context is not None:
     result = result.replace(context_k=context[0], context_v=context[1],
                             context_valid=context[2], context_start=context[3],
                             context_of=jnp.asarray(context_of, jnp.int32))
   if out_shardings is None:
     return result
-  # The shared part and the contexts' masks and indices are small: placed once, as a whole.
+  # The shared part, the masks and the indices are small: placed once, as a whole.
   placed = out_shardings(jax.tree.map(_abstract, result))
   return result.replace(**{name: jax.device_put(getattr(result, name), getattr(placed, name))
-                           for name in ('shared_k', 'shared_v', 'context_valid', 'context_start',
-                                        'context_of')
+                           for name in ('shared_k', 'shared_v', 'valid', 'start', 'context_valid',
+                                        'context_start', 'context_of')
                            if getattr(result, name) is not None})
+
+
+def _packed_places(starts: np.ndarray, tokens: int, rows: np.ndarray, mask: np.ndarray,
+                   width: int) -> np.ndarray:
+  """[chunk, w] the packed token of each column of a chunk ``w`` wide of left-padded ``rows``
+  (``width`` wide when whole): column j is slot width - w + j. Padding goes past the end
+  (``tokens``), where a write is dropped."""
+  w = mask.shape[1]
+  return np.where(mask, starts[rows, None] + (width - w) + np.arange(w), tokens)
 
 
 def _abstract(x):

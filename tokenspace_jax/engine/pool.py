@@ -146,7 +146,7 @@ def build_pool(config: ConfigDict, lm: LoadedModel, features: list[Feature],
   caches = prefix.prefix_caches(lm.model, lm.params, enc.shared_ids, enc.prefix_ids,
                                 enc.prefix_mask, chunk=config.eval.prefix_batch_size,
                                 cache_dtype=cache_dtype(config, lm), out_shardings=placement,
-                                contexts=contexts, context_blocks=shards)
+                                contexts=contexts, blocks=shards)
   fraction = config.data.positive_fraction if config.data.sampling == 'balanced' else None
   try:
     schedules = np.stack([
@@ -234,17 +234,17 @@ def cache_bytes(lm: LoadedModel, enc: prompts.EncodedPrompts, slots: int, dtype,
                 blocks: int = 1) -> int:
   """Bytes the prefix caches of ``slots`` examples take: keys and values of their own tokens
   and of their contexts (packed, in ``blocks`` shares), their slot priors (one vocabulary row
-  each, held until the pool has averaged them) and the validity masks, with the keys and values
-  in ``dtype``."""
+  each, held until the pool has averaged them), the validity masks and indices, with the keys
+  and values in ``dtype``."""
   c = lm.config
   itemsize = jnp.dtype(dtype).itemsize
-  kv = lambda tokens: 2 * c.num_layers * tokens * c.num_kv_heads * c.head_dim * itemsize
+  kv = lambda mask: (2 * c.num_layers * prefix.pack_left_padded(mask, blocks)[1]
+                     * c.num_kv_heads * c.head_dim * itemsize)
   width = enc.prefix_ids.shape[1]
-  total = slots * (kv(width) + 4 * c.vocab_size + width)
+  total = kv(enc.prefix_mask) + slots * (4 * c.vocab_size + width + 4)
   if enc.context_ids is not None:
     contexts, context_width = enc.context_ids.shape
-    _, tokens = prefix.pack_contexts(enc.context_mask, blocks)
-    total += kv(tokens) + contexts * (context_width + 4) + 4 * slots
+    total += kv(enc.context_mask) + contexts * (context_width + 4) + 4 * slots
   return total
 
 

@@ -54,10 +54,11 @@ class PrefixCache(flax.struct.PyTreeNode):
 
   Between the two there may be a *context* block: tokens that several prompts, but not all,
   share (the text that several examples ask about, one word each), stored once per context.
-  Contexts differ in length far more than own tokens do, so they are packed: their tokens lie
-  end to end on one token axis, and each batch row reads the ``C`` consecutive tokens that end
-  with its context's last one (the slots before its first token hold the previous context's
-  tokens and are masked, as left padding would be).
+
+  Prompts differ in length, so own tokens and contexts are both *packed*: their tokens lie end
+  to end on one token axis, and a batch row reads the W consecutive tokens that end with its
+  prompt's (or context's) last one. The slots before its first token hold the tokens of the one
+  before it and are masked, as left padding would be; no padding is stored.
 
   A new block attends [shared | context | own | itself]; nothing is written, so the model returns
   no cache. The one exception is a cache without own tokens (``k`` None, see ``shared_only`` and
@@ -68,12 +69,12 @@ class PrefixCache(flax.struct.PyTreeNode):
 
   shared_k: jax.Array | None  # [layers, S, kv_heads, head_dim]: the tokens all prompts share
   shared_v: jax.Array | None
-  # [layers, examples, W, kv_heads, head_dim]: each prompt's own tokens, left-padded; None in a
-  # cache of shared tokens only, with ``valid`` and ``rows`` None too.
+  # [layers, T, kv_heads, head_dim]: the prompts' own tokens, packed; None in a cache of shared
+  # tokens only, with ``valid`` and ``starts`` None too.
   k: jax.Array | None
   v: jax.Array | None
   valid: jax.Array | None  # [batch, W] bool: the own slots of each batch row that hold real tokens
-  rows: jax.Array | None  # [batch] int32: the example (index into ``k``'s second axis) of each row
+  starts: jax.Array | None  # [batch] int32: where each batch row's W own slots begin in ``k``
   # [layers, T, kv_heads, head_dim]: the packed tokens of the contexts, tokens shared by some
   # prompts; None where the prompts have no context block.
   context_k: jax.Array | None = None
@@ -85,7 +86,7 @@ class PrefixCache(flax.struct.PyTreeNode):
   @classmethod
   def shared_only(cls, shared_k: jax.Array | None, shared_v: jax.Array | None) -> PrefixCache:
     """The tokens every prompt shares, ready to have each prompt's own tokens run on top."""
-    return cls(shared_k=shared_k, shared_v=shared_v, k=None, v=None, valid=None, rows=None)
+    return cls(shared_k=shared_k, shared_v=shared_v, k=None, v=None, valid=None, starts=None)
 
   @classmethod
   def with_context(cls, shared_k, shared_v, context_k, context_v, context_valid,
@@ -117,20 +118,28 @@ class PrefixCache(flax.struct.PyTreeNode):
     return n
 
   def append(self, k: jax.Array, v: jax.Array, mask: jax.Array) -> PrefixCache:
-    """This cache with the block (k, v: [layers, batch, T, ...]) as its own tokens."""
+    """This cache with the block (k, v: [layers, batch, T, ...]) as its own tokens (packed at
+    a stride of T: row i's slots are tokens iT ... iT + T - 1)."""
     if not self.appends:
       raise ValueError('Only a cache without own tokens takes a block as its own part.')
-    return self.replace(k=k, v=v, valid=mask, rows=jnp.arange(mask.shape[0], dtype=jnp.int32))
+    b, t = mask.shape
+    pack = lambda x: x.reshape(x.shape[0], b * t, *x.shape[3:])
+    return self.replace(k=pack(k), v=pack(v), valid=mask,
+                        starts=jnp.arange(b, dtype=jnp.int32) * t)
 
   def own_layer(self, layer: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Keys and values [batch, W, kv_heads, head_dim] of the batch's own tokens in ``layer``."""
-    at = lambda x: x.at[layer, self.rows].get(mode='clip')
-    return at(self.k), at(self.v)
+    return _packed_runs(self.k, self.v, layer, self.starts, self.valid.shape[1])
 
   def context_layer(self, layer: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Keys and values [batch, C, kv_heads, head_dim] of the batch's contexts in ``layer``: a
-    run of C consecutive packed tokens per row (a gather about as fast as one of whole rows)."""
-    tokens = self.context_starts[:, None] + jnp.arange(self.context_valid.shape[1],
-                                                       dtype=self.context_starts.dtype)
-    at = lambda x: x.at[layer, tokens].get(mode='clip')
-    return at(self.context_k), at(self.context_v)
+    """Keys and values [batch, C, kv_heads, head_dim] of the batch's contexts in ``layer``."""
+    return _packed_runs(self.context_k, self.context_v, layer, self.context_starts,
+                        self.context_valid.shape[1])
+
+
+def _packed_runs(k, v, layer, starts, width):
+  """Runs of ``width`` consecutive packed tokens from ``starts`` [batch] in ``layer`` of k, v
+  [layers, T, ...]: read in place, a gather about as fast as one of whole rows."""
+  tokens = starts[:, None] + jnp.arange(width, dtype=starts.dtype)
+  at = lambda x: x.at[layer, tokens].get(mode='clip')
+  return at(k), at(v)

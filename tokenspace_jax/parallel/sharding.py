@@ -125,13 +125,14 @@ def cache_specs(caches: PrefixCaches, mesh: Mesh) -> PrefixCaches:
   """Prefix caches split along ``data`` by example and along ``model`` by KV head (matching the
   K/V projections); the part every prompt shares is one copy per ``data`` shard. Contexts are
   split along ``data`` like the examples (``prompts.split_contexts`` gives each shard a block
-  holding the contexts of its examples), and so are their packed tokens
-  (``classifier.prefix.pack_contexts`` gives each block an equal share of them)."""
+  holding the contexts of its examples). The packed tokens of both are split along ``data`` too:
+  ``classifier.prefix.pack_left_padded`` gives each block an equal share of them."""
   fit = lambda spec, x: None if x is None else fit_spec(spec, x.shape, mesh)
   c = caches
-  return PrefixCaches(k=fit(P(None, DATA, None, MODEL, None), c.k),
-                      v=fit(P(None, DATA, None, MODEL, None), c.v),
+  return PrefixCaches(k=fit(P(None, DATA, MODEL, None), c.k),
+                      v=fit(P(None, DATA, MODEL, None), c.v),
                       valid=fit(P(DATA, None), c.valid),
+                      start=fit(P(DATA), c.start),
                       log_prior=fit(P(DATA, MODEL), c.log_prior),
                       shared_k=fit(P(None, None, MODEL, None), c.shared_k),
                       shared_v=fit(P(None, None, MODEL, None), c.shared_v),
