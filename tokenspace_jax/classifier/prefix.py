@@ -145,10 +145,10 @@ def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.n
 
   ``contexts`` (ids [C, W_c], mask, and each example's context [N], as
   ``prompts.EncodedPrompts`` holds them) are run first, each once, on the shared part, and kept
-  packed as the own tokens are; each example's own tokens then
-  run on the shared part and its context (as stored, so in ``cache_dtype``). An empty context
-  row (a block's padding, or an example's own empty context, see ``prompts.split_contexts``) is
-  not run: nothing in it is attended.
+  packed as the own tokens are; each example's own tokens then run on the shared part and its
+  context (as stored, so in ``cache_dtype``). An empty context row (a block's padding, or an
+  example's own empty context, see ``prompts.split_contexts``) is not run: nothing in it is
+  attended.
   """
   n, width = prefix_ids.shape
   n_shared = len(shared_ids)
