@@ -49,7 +49,7 @@ def _pool(n=16, width=10, shared=3):
   random = lambda path, s: jnp.asarray(
       rng.normal(1.0 if 'scale' in jax.tree_util.keystr(path) else 0.0, 0.2, s.shape), s.dtype)
   params = jax.tree_util.tree_map_with_path(random, shapes['params'])
-  kv = (TINY.num_layers, n, width, TINY.num_kv_heads, TINY.head_dim)
+  kv = (TINY.num_layers, n * width, TINY.num_kv_heads, TINY.head_dim)  # packed, W apart
   shared_kv = (TINY.num_layers, shared, TINY.num_kv_heads, TINY.head_dim)
   valid = np.ones((n, width), bool)
   for i in range(n):
@@ -57,7 +57,7 @@ def _pool(n=16, width=10, shared=3):
   caches = prefix.PrefixCaches(
       k=jnp.asarray(rng.normal(size=kv), jnp.float32), v=jnp.asarray(rng.normal(size=kv),
                                                                      jnp.float32),
-      valid=jnp.asarray(valid),
+      valid=jnp.asarray(valid), start=jnp.arange(n, dtype=jnp.int32) * width,
       log_prior=jax.nn.log_softmax(jnp.asarray(rng.normal(size=(n, TINY.vocab_size)),
                                                jnp.float32)),
       shared_k=jnp.asarray(rng.normal(size=shared_kv), jnp.float32),
