@@ -538,3 +538,48 @@ def test_a_two_token_label_settles_only_with_the_same_most_probable_tokens():
   assert not same([a, c], [b, c])  # two tokens: position 1's candidates now follow token 1
   assert same([a, c], [[10., 4., 0., 0., 0., 1.], c])
   assert not same([a], [c])
+
+
+
+def test_final_choice_screens_candidates_and_runs_each_pair_once():
+  """Screened, every candidate is scored on the screen's examples and only each row's best
+  (and its descent label) on the rest; a finalist's AUROC is the one it gets unscreened, and no
+  (label, example) pair runs twice: not in the choice, nor when a finalist's margins on some of
+  those examples (the calibration's) are asked for again."""
+  from tokenspace_jax.engine import record, scoring
+  from tokenspace_jax.engine.pool import stratified_pick
+
+  model, params = _tiny()
+  n, screen, keep = 24, 8, 2
+  targets = np.array([1, 0] * (n // 2), np.float32)
+  data = _data(model, params, targets, np.arange(n)[None] % n)
+  scorer = lambda: scoring.LabelScorer(model, params, data.caches, data.tail_ids,
+                                       data.answer_ids, False, rows=1)
+  chooser = scoring.Split(slots=np.arange(n), targets=targets, windows=np.arange(n),
+                          activations=targets.astype(np.float64))
+  candidates = {0: [10, 11, 12, 13, 14, 15, [16, 17]], 1: [20, 12, 21, 22, 23]}
+  key = scoring.label_key
+  everyone = {key(c): c for cands in candidates.values() for c in cands}
+  full, full_examples = record.final_choice(scorer(), candidates, chooser, 0, keep, seed=3)
+  assert set(full_examples.values()) == {n} and set(full) == set(everyone)
+  first = chooser.take(stratified_pick(targets, screen, 3))
+  on_screen = dict(zip(everyone, scorer().training_aurocs(list(everyone.values()), first),
+                       strict=True))
+
+  screened = scorer()
+  run, pairs = screened._margins, []  # rows=1: one call per pair
+  screened.__dict__['_margins'] = lambda *a: pairs.append(1) or run(*a)
+  got, examples = record.final_choice(screened, candidates, chooser, screen, keep, seed=3)
+  expected = set()
+  for cands in candidates.values():
+    expected |= {key(cands[0])} | {key(c) for c in sorted(
+        cands, key=lambda c: -on_screen[key(c)])[:keep]}
+  finalists = {k for k, e in examples.items() if e == n}
+  assert finalists == expected and set(examples) == set(everyone)
+  assert all(examples[k] == screen for k in set(everyone) - finalists)
+  for k in everyone:
+    assert got[k] == pytest.approx(full[k] if k in finalists else on_screen[k], abs=1e-6)
+  assert len(pairs) == len(everyone) * screen + len(finalists) * (n - screen)
+  calibration = chooser.slots[::3]
+  screened.margins([everyone[k] for k in finalists], calibration)
+  assert len(pairs) == len(everyone) * screen + len(finalists) * (n - screen)

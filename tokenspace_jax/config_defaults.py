@@ -220,6 +220,10 @@ def get_base_config() -> ConfigDict:
   c.choice.top_k = 16  # the descent's most probable tokens that are scored (0: no choice)
   c.choice.candidates = ''  # more candidate words, comma-separated (e.g. ' Chinese, 中文')
   c.choice.examples = 128  # training examples the candidates are scored on (0 = all)
+  # Every candidate is first scored on this many of those examples; only the choice.keep best
+  # of each row (and its descent label) on the rest (0: every candidate on all of them).
+  c.choice.screen = 32
+  c.choice.keep = 4
 
   # Held-out scoring of the label against the reference word and random tokens.
   c.eval = ConfigDict()
@@ -297,6 +301,8 @@ def apply_arg(c: ConfigDict, arg: str | None) -> ConfigDict:
       c.eval.bootstrap = 200
       c.choice.top_k = 4
       c.choice.examples = 32
+      c.choice.screen = 16
+      c.choice.keep = 2
       c.data.batch_size = 8
       c.checkpoint_every = 10
     elif a == 'two':
@@ -395,11 +401,13 @@ def validate(config: ConfigDict, builtin_features=()):
   for key in ('steps', 'checkpoint_every', 'optim.lr', 'data.batch_size', 'eval.batch_size',
               'eval.prefix_batch_size',
               'label.temperature', 'feature.max_train', 'feature.max_heldout',
-              'early_stop.patience', 'sweep.restarts', 'search.candidates', 'feature.window'):
+              'early_stop.patience', 'sweep.restarts', 'search.candidates', 'feature.window',
+              'choice.keep'):
     need(key, positive, 'must be positive')
   for key in ('loss.w_label', 'loss.w_entropy', 'loss.w_kl', 'loss.entropy_warmup_steps',
               'optim.weight_decay', 'optim.warmup_steps', 'optim.clip_norm', 'sweep.noise',
-              'search.every', 'choice.top_k', 'choice.examples', 'eval.num_random',
+              'search.every', 'choice.top_k', 'choice.examples', 'choice.screen',
+              'eval.num_random',
               'eval.calibration_examples', 'eval.bootstrap', 'label.init_scale',
               'contrast.labels', 'early_stop.settled'):
     need(key, non_negative, 'must not be negative')

@@ -55,6 +55,35 @@ def extra_candidates(config: ConfigDict, tokenizer, pool: Pool) -> list:
   return out
 
 
+def final_choice(scorer: scoring.LabelScorer, candidates: dict[int, list],
+                 chooser: scoring.Split, screen: int, keep: int,
+                 seed: int) -> tuple[dict[tuple, float], dict[tuple, int]]:
+  """Training AUROC of every row's candidates (its descent label first), and the examples each
+  was scored on, by label ids: the finalists on all of ``chooser``, the others on the screen.
+
+  Most of a row's candidates are far from its best (docs/method.md#the-final-choice), so with
+  ``0 < screen < len(chooser)`` every candidate is first scored on ``screen`` of the chooser's
+  examples (stratified), and only the ``keep`` best of each row, and its descent label, go on
+  to the rest: the choice then costs about a third of scoring every candidate on every example.
+  A row's label is the best of its finalists.
+  """
+  distinct = lambda labels: list({label_key(c): c for c in labels}.values())
+  everyone = distinct([c for cands in candidates.values() for c in cands])
+  aurocs = lambda labels, split: dict(zip(map(label_key, labels),
+                                          scorer.training_aurocs(labels, split), strict=True))
+  n = len(chooser.slots)
+  if not (0 < screen < n and keep > 0):
+    return aurocs(everyone, chooser), {label_key(c): n for c in everyone}
+  first = chooser.take(stratified_pick(chooser.targets, screen, seed))
+  screened = aurocs(everyone, first)
+  finalists = distinct([c for cands in candidates.values()
+                        for c in [cands[0]] + sorted(cands, key=lambda c: -screened[label_key(c)]
+                                                     )[:keep]])
+  final = aurocs(finalists, chooser)  # the screen's margins are the scorer's: not run again
+  return ({**screened, **final},
+          {key: (n if key in final else len(first.slots)) for key in screened})
+
+
 def _split(pool: Pool, idx: np.ndarray) -> scoring.Split:
   ex = [pool.examples[i] for i in idx]  # of one feature, whose windows are numbered apart
   return scoring.Split(slots=pool.slot_of[idx], targets=pool.targets[idx],
@@ -87,10 +116,13 @@ def score_rows(config: ConfigDict, tokenizer, scorer: scoring.LabelScorer, pool:
     if not rows:
       continue
     train, held = pool.split(f, True), pool.split(f, False)
-    calib = train[stratified_pick(pool.targets[train], config.eval.calibration_examples,
-                                  config.seed + 2)]
     chooser = train[stratified_pick(pool.targets[train], config.choice.examples,
                                     config.seed + 3)]
+    # The thresholds are fitted on examples the choice scored (training examples both), so the
+    # chosen label's calibration margins are the choice's, not run again.
+    within = chooser if len(chooser) >= config.eval.calibration_examples else train
+    calib = within[stratified_pick(pool.targets[within], config.eval.calibration_examples,
+                                   config.seed + 2)]
     extra = extra_candidates(config, tokenizer, pool)
     # Each row's candidates: its descent label first, then its top tokens, then the extras.
     candidates = {}
@@ -106,10 +138,11 @@ def score_rows(config: ConfigDict, tokenizer, scorer: scoring.LabelScorer, pool:
           cands += [int(i) for i in np.argsort(-p[r, 0])[:config.choice.top_k]]
         cands += extra
       candidates[r] = list({label_key(c): c for c in cands}.values())
-    distinct = list({label_key(c): c for r in rows for c in candidates[r]}.values())
-    train_auroc = dict(zip(map(label_key, distinct),
-                           scorer.training_aurocs(distinct, _split(pool, chooser)), strict=True))
-    chosen = {r: (max(candidates[r], key=lambda c: train_auroc[label_key(c)])
+    train_auroc, scored_on = final_choice(
+        scorer, {r: candidates[r] for r in rows}, _split(pool, chooser), config.choice.screen,
+        config.choice.keep, config.seed + 5)
+    chosen = {r: (max((c for c in candidates[r] if scored_on[label_key(c)] == len(chooser)),
+                      key=lambda c: train_auroc[label_key(c)])
                   if config.choice.top_k > 0 else candidates[r][0]) for r in rows}
     baselines = baseline_labels(config, tokenizer, pool, f, p.shape[1])
     labels = list({label_key(c): c for r in rows
@@ -135,7 +168,8 @@ def score_rows(config: ConfigDict, tokenizer, scorer: scoring.LabelScorer, pool:
           'examples': int(len(chooser)),
           'changed': label_key(chosen[r]) != label_key(candidates[r][0]),
           'candidates': [{'token': decode(c), 'token_id': _label(c),
-                          'train_auroc': train_auroc.get(label_key(c))} for c in candidates[r]]}
+                          'train_auroc': train_auroc.get(label_key(c)),
+                          'examples': scored_on[label_key(c)]} for c in candidates[r]]}
       record['heldout']['scores'] = [s.as_dict() for s in row_scores]
       record['heldout']['descent'] = descent_score
       record['heldout']['verdict'] = verdict

@@ -150,7 +150,9 @@ class LabelScorer:
 
   ``known`` (label ids -> margins of every slot) holds margins computed before, which are
   returned instead of run: the pool's contrast labels, each against the baseline of the others
-  (``engine.pool.contrast_baseline``).
+  (``engine.pool.contrast_baseline``). Every margin the scorer runs is remembered too, so a
+  (label, example) pair runs once: the final choice's finalists are run only on the examples
+  its screen did not cover, and the chosen label's calibration margins come from the choice.
   """
 
   def __init__(self, model: Llama, params, caches: prefix.PrefixCaches, tail_ids, answer_ids,
@@ -159,6 +161,7 @@ class LabelScorer:
     self.tail_ids, self.answer_ids = jnp.asarray(tail_ids), jnp.asarray(answer_ids)
     self.full_vocab, self.rows = full_vocab, rows
     self.known = known or {}
+    self._seen: dict[tuple, np.ndarray] = {}  # label ids -> [slots] margins run, NaN where not
 
   @functools.cached_property
   def _margins(self):
@@ -172,21 +175,25 @@ class LabelScorer:
     return run
 
   def margins(self, labels: list, slots: np.ndarray) -> np.ndarray:
-    """[L, n] log P(yes) - log P(no) of every label (an id or a list of ids) on every slot."""
+    """[L, n] log P(yes) - log P(no) of every label (an id or a list of ids) on every slot.
+
+    Only pairs neither known nor run before are run, label-major, in passes of ``rows``."""
     labels = [list(np.atleast_1d(np.asarray(x, np.int64))) for x in labels]
-    out = np.empty((len(labels), len(slots)), np.float32)
-    run = []
-    for i, x in enumerate(labels):
-      known = self.known.get(label_key(x))
-      if known is None:
-        run.append(i)
-      else:
-        out[i] = known[np.asarray(slots)]
-    for k in sorted({len(labels[i]) for i in run}):
-      which = [i for i in run if len(labels[i]) == k]
+    keys = [label_key(x) for x in labels]
+    slots = np.asarray(slots, np.int64)
+    out = np.full((len(labels), len(slots)), np.nan, np.float32)
+    for i, key in enumerate(keys):
+      known = self.known.get(key, self._seen.get(key))
+      if known is not None:
+        out[i] = known[slots]
+    # A known label is never run: its margins are against another baseline (see above).
+    missing = np.isnan(out) & np.array([key not in self.known for key in keys])[:, None]
+    for k in sorted({len(labels[i]) for i in range(len(labels)) if missing[i].any()}):
+      which = np.asarray([i for i in range(len(labels))
+                          if len(labels[i]) == k and missing[i].any()])
       ids = np.asarray([labels[i] for i in which], np.int32)  # [L_k, k]
-      pair_label = np.repeat(np.arange(len(which)), len(slots))
-      pair_slot = np.tile(np.asarray(slots, np.int32), len(which))
+      pair_label, pair_pos = np.nonzero(missing[which])
+      pair_slot = slots[pair_pos].astype(np.int32)
       values = np.empty(len(pair_label), np.float32)
       for start in range(0, len(pair_label), self.rows):
         chunk = slice(start, start + self.rows)
@@ -197,7 +204,11 @@ class LabelScorer:
                           jnp.asarray(pad(ids[pair_label[chunk]])), self.tail_ids,
                           self.answer_ids)
         values[chunk] = np.asarray(m)[:n]
-      out[which] = values.reshape(len(which), len(slots))
+      out[which[pair_label], pair_pos] = values
+      for j, i in enumerate(which):
+        seen = self._seen.setdefault(keys[i], np.full(self.caches.valid.shape[0], np.nan,
+                                                      np.float32))
+        seen[slots[pair_pos[pair_label == j]]] = values[pair_label == j]
     return out
 
   def training_aurocs(self, labels: list, split: Split) -> np.ndarray:
