@@ -220,10 +220,8 @@ def get_base_config() -> ConfigDict:
   c.choice.top_k = 16  # the descent's most probable tokens that are scored (0: no choice)
   c.choice.candidates = ''  # more candidate words, comma-separated (e.g. ' Chinese, 中文')
   c.choice.examples = 128  # training examples the candidates are scored on (0 = all)
-  # Every candidate is first scored on this many of those examples; only the choice.keep best
-  # of each row (and its descent label) on the rest (0: every candidate on all of them).
-  c.choice.screen = 32
-  c.choice.keep = 4
+  c.choice.screen = 32  # examples every candidate is scored on first (0: all on all examples)
+  c.choice.keep = 4  # best candidates of each row (and its descent label) scored on the rest
 
   # Held-out scoring of the label against the reference word and random tokens.
   c.eval = ConfigDict()

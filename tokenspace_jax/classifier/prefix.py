@@ -116,7 +116,7 @@ def pack_left_padded(mask: np.ndarray, blocks: int = 1) -> tuple[np.ndarray, int
 
 def prefix_caches(model: Llama, params, shared_ids: np.ndarray, prefix_ids: np.ndarray,
                   prefix_mask: np.ndarray, chunk: int = 16, cache_dtype=None,
-                  out_shardings=None, pad_to: int = 16,
+                  out_shardings=None, pad_to: int = 8,
                   contexts: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
                   blocks: int = 1) -> PrefixCaches:
   """Caches and priors for all examples, computed in jitted chunks of a fixed size.

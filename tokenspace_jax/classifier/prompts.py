@@ -137,7 +137,7 @@ def _common_prefix_length(seqs: Sequence[list[int]]) -> int:
   return n
 
 
-OWN_PAD_AFTER_CONTEXT = 8
+OWN_PAD_AFTER_CONTEXT = 4
 
 
 def left_padded(seqs: Sequence[list[int]], pad: int, multiple: int) -> tuple[np.ndarray,
