@@ -61,11 +61,11 @@ def final_choice(scorer: scoring.LabelScorer, candidates: dict[int, list],
   """Training AUROC of every row's candidates (its descent label first), and the examples each
   was scored on, by label ids: the finalists on all of ``chooser``, the others on the screen.
 
-  Most of a row's candidates are far from its best (docs/method.md#the-final-choice), so with
-  ``0 < screen < len(chooser)`` every candidate is first scored on ``screen`` of the chooser's
-  examples (stratified), and only the ``keep`` best of each row, and its descent label, go on
-  to the rest: the choice then costs about a third of scoring every candidate on every example.
-  A row's label is the best of its finalists.
+  Most of a row's candidates are far from its best (docs/method.md, "The final choice"), so
+  with ``0 < screen < len(chooser)`` every candidate is first scored on ``screen`` of the
+  chooser's examples (stratified), and only the ``keep`` best of each row, and its descent
+  label, go on to the rest: by default about half the pairs of scoring every candidate on every
+  example. A row's label is the best of its finalists.
   """
   distinct = lambda labels: list({label_key(c): c for c in labels}.values())
   everyone = distinct([c for cands in candidates.values() for c in cands])

@@ -187,7 +187,7 @@ class LabelScorer:
       if known is not None:
         out[i] = known[slots]
     # A known label is never run: its margins are against another baseline (see above).
-    missing = np.isnan(out) & np.array([key not in self.known for key in keys])[:, None]
+    missing = np.isnan(out) & np.array([key not in self.known for key in keys], bool)[:, None]
     for k in sorted({len(labels[i]) for i in range(len(labels)) if missing[i].any()}):
       which = np.asarray([i for i in range(len(labels))
                           if len(labels[i]) == k and missing[i].any()])
