@@ -73,10 +73,14 @@ def main():
   timed(scoring.LabelScorer, 'score', 'held-out scores', lambda r: 0)
   margins = scoring.LabelScorer.margins
 
-  def counted(self, labels, slots):  # pairs actually run: known margins are looked up
-    run = [x for x in labels
-           if scoring.label_key(list(np.atleast_1d(np.asarray(x, np.int64)))) not in self.known]
-    pairs[_caller()] += len(run) * len(slots)
+  def counted(self, labels, slots):  # pairs actually run: known or seen margins are looked up
+    for x in labels:
+      key = scoring.label_key(list(np.atleast_1d(np.asarray(x, np.int64))))
+      if key in self.known:
+        continue
+      seen = self._seen.get(key)
+      pairs[_caller()] += (len(slots) if seen is None
+                           else int(np.isnan(seen[np.asarray(slots)]).sum()))
     return margins(self, labels, slots)
   scoring.LabelScorer.margins = counted
 
