@@ -55,19 +55,23 @@ def extra_candidates(config: ConfigDict, tokenizer, pool: Pool) -> list:
   return out
 
 
+def distinct(labels) -> list:
+  """``labels`` without repeats (by their ids), in order of first appearance."""
+  return list({label_key(c): c for c in labels}.values())
+
+
 def final_choice(scorer: scoring.LabelScorer, candidates: dict[int, list],
                  chooser: scoring.Split, screen: int, keep: int,
                  seed: int) -> tuple[dict[tuple, float], dict[tuple, int]]:
   """Training AUROC of every row's candidates (its descent label first), and the examples each
   was scored on, by label ids: the finalists on all of ``chooser``, the others on the screen.
 
-  Most of a row's candidates are far from its best (docs/method.md, "The final choice"), so
+  Many of a row's candidates are far from its best (docs/method.md, "The final choice"), so
   with ``0 < screen < len(chooser)`` every candidate is first scored on ``screen`` of the
   chooser's examples (stratified), and only the ``keep`` best of each row, and its descent
   label, go on to the rest: by default about half the pairs of scoring every candidate on every
   example. A row's label is the best of its finalists.
   """
-  distinct = lambda labels: list({label_key(c): c for c in labels}.values())
   everyone = distinct([c for cands in candidates.values() for c in cands])
   aurocs = lambda labels, split: dict(zip(map(label_key, labels),
                                           scorer.training_aurocs(labels, split), strict=True))
@@ -137,7 +141,7 @@ def score_rows(config: ConfigDict, tokenizer, scorer: scoring.LabelScorer, pool:
         else:
           cands += [int(i) for i in np.argsort(-p[r, 0])[:config.choice.top_k]]
         cands += extra
-      candidates[r] = list({label_key(c): c for c in cands}.values())
+      candidates[r] = distinct(cands)
     train_auroc, scored_on = final_choice(
         scorer, {r: candidates[r] for r in rows}, _split(pool, chooser), config.choice.screen,
         config.choice.keep, config.seed + 5)
@@ -145,8 +149,7 @@ def score_rows(config: ConfigDict, tokenizer, scorer: scoring.LabelScorer, pool:
                       key=lambda c: train_auroc[label_key(c)])
                   if config.choice.top_k > 0 else candidates[r][0]) for r in rows}
     baselines = baseline_labels(config, tokenizer, pool, f, p.shape[1])
-    labels = list({label_key(c): c for r in rows
-                   for c in (chosen[r], candidates[r][0])}.values())
+    labels = distinct([c for r in rows for c in (chosen[r], candidates[r][0])])
     scored = ([(c, decode(c), 'found') for c in labels] + baselines)
     scores, samples = scorer.score(
         scored, _split(pool, calib), _split(pool, held), resamples=config.eval.bootstrap,
