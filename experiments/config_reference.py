@@ -88,6 +88,10 @@ CHOICE_NOTES = {
     ('model.cache_dtype', 'float32'): 'prefix caches in float32',
     ('model.cache_dtype', 'bfloat16'): 'prefix caches in bfloat16: half their memory under '
                                        'float32 activations, which still compute them',
+    ('prompt.note', ''): 'the text alone',
+    ('prompt.note', 'language'): 'the judge is asked which language each text is written in, '
+                                 'and "Language of the text: X" follows the text (an instruct '
+                                 "model's chat template is needed)",
 }
 
 
@@ -333,7 +337,7 @@ def _choices() -> tuple[list[str], list[str]]:
 
 def _prompt_presets() -> list[str]:
   lines = ['## Prompt presets', '',
-           'The two templates of `config_defaults.PROMPTS`, selected by the config argument of '
+           'The templates of `config_defaults.PROMPTS`, selected by the config argument of '
            'the same name (`configs/animal.py:rating`). Why the few-shot one is the default: '
            '[prompt study](prompt_study.md).', '']
   for name, preset in config_defaults.PROMPTS.items():

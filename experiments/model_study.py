@@ -80,7 +80,15 @@ def candidate_prompts() -> dict:
           'question_usage_chat': dict(d.QUESTION_CHAT_PROMPT, system=USAGE_SYSTEM),
           'question_usage_close_chat': dict(d.QUESTION_CHAT_PROMPT, system=USAGE_SYSTEM,
                                             few_shot=with_shots(d.LANGUAGE_EXAMPLES
-                                                                + CLOSE_LANGUAGE_SHOTS))}
+                                                                + CLOSE_LANGUAGE_SHOTS)),
+          # Asked about the text's language rather than the word's: the 1.5B model names a
+          # text's language right where it calls any word in Chinese characters Chinese.
+          'text_language_chat': dict(d.QUESTION_CHAT_PROMPT, few_shot=(), user=(
+              'Text: {text}\nThe word "{word}" is part of this text. Is the text written in '
+              '{concept}?')),
+          'question_text_chat': dict(d.QUESTION_CHAT_PROMPT, user=(
+              'Text: {text}\nIn this text (mind the language it is written in), is the word '
+              '"{word}" described by the concept {concept}?'))}
 
 
 def config_for(feature: str, arg: str = '', **changes):

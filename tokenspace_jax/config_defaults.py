@@ -30,6 +30,7 @@ RATING_PROMPT = dict(
     no='0',
     chat=True,
     few_shot=(),
+    note='',
 )
 
 
@@ -54,6 +55,8 @@ FEWSHOT_PROMPT = dict(
     no=' No',
     chat=False,
     few_shot=tuple(dict(text=t, word=w, concept=c, answer=a) for t, w, c, a in FEW_SHOT_EXAMPLES),
+    # a line after each text with the judge's own reading of it, asked once per text
+    note='',
 )
 
 # The same few-shot prompt as chat turns, rendered with the model's own chat template: each worked
@@ -80,8 +83,23 @@ QUESTION_CHAT_PROMPT = dict(
                    for t, w, c, a in FEW_SHOT_EXAMPLES + LANGUAGE_EXAMPLES),
 )
 
+# Notes the judge writes on each text before it is asked about the text's words
+# (classifier/notes.py): the question put to it about a whole text, the start of its answer
+# (SmolLM2 answers "This text is in ..." without one; Qwen2.5-Coder-1.5B names the same
+# languages either way), and the line that then follows the text in the classifier prompt.
+PROMPT_NOTES = {
+    'language': ('Which language is this text written in: {text}\nAnswer with one word.',
+                 'The text is written in', 'Language of the text: {answer}'),
+}
+
+# question_chat with the judge's own reading of each text's language after the text
+# (classifier/notes.py): Qwen2.5-Coder-1.5B names a text's language right where, asked about one
+# word, it answers about the script (docs/results.md, "Identifiability").
+QUESTION_NOTE_CHAT_PROMPT = dict(QUESTION_CHAT_PROMPT, note='language')
+
 PROMPTS = {'fewshot': FEWSHOT_PROMPT, 'fewshot_chat': FEWSHOT_CHAT_PROMPT,
-           'rating': RATING_PROMPT, 'question_chat': QUESTION_CHAT_PROMPT}
+           'rating': RATING_PROMPT, 'question_chat': QUESTION_CHAT_PROMPT,
+           'question_note_chat': QUESTION_NOTE_CHAT_PROMPT}
 
 # Keys whose values are checked against a list; each list is spelled here only.
 CHOICES = {
@@ -94,6 +112,7 @@ CHOICES = {
     'model.dtype': ('float32', 'bfloat16'),
     'model.param_dtype': ('', 'float32', 'bfloat16'),
     'model.cache_dtype': ('', 'float32', 'bfloat16'),
+    'prompt.note': ('', *PROMPT_NOTES),
 }
 
 # Config keys (or whole sections) that may differ between a run and its resumption: they change
@@ -381,7 +400,7 @@ def validate(config: ConfigDict, builtin_features=()):
   """
   for key, choices in CHOICES.items():
     section, name = key.split('.')
-    value = config[section][name]
+    value = config[section].get(name, '')
     if value not in choices:
       raise ConfigValueError(f'{key}={value!r} is not one of {", ".join(map(repr, choices))}.')
   for key, value in _numbers(config):

@@ -24,7 +24,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from tokenspace_jax.classifier import label as label_lib
-from tokenspace_jax.classifier import prefix, prompts
+from tokenspace_jax.classifier import notes, prefix, prompts
 from tokenspace_jax.config_defaults import ConfigValueError
 from tokenspace_jax.engine import scoring
 from tokenspace_jax.engine.descent import DescentData
@@ -90,6 +90,7 @@ class Pool:
   known_margins: dict[tuple, np.ndarray]
   mesh: jax.sharding.Mesh | None  # None: one device
   seconds: float
+  notes: dict[str, str] = dataclasses.field(default_factory=dict)  # text -> the judge's note
 
   def split(self, feature: int, train: bool) -> np.ndarray:
     """Example indices of one split of one feature."""
@@ -134,8 +135,11 @@ def build_pool(config: ConfigDict, lm: LoadedModel, features: list[Feature],
   except shard_layout.LayoutError as e:
     raise ConfigValueError(f'{e} (mesh.data={shards}).') from None
   template = prompts.template_from_config(config.prompt)
+  note = config.prompt.get('note', '')
+  read = notes.read_texts(lm, [e.text for e in examples], note) if note else {}
+  shown = (lambda e: notes.noted_text(e.text, note, read[e.text])) if note else (lambda e: e.text)
   enc = prompts.encode_prompts(
-      template, lm.tokenizer, [(examples[i].text, examples[i].word) for i in layout.order],
+      template, lm.tokenizer, [(shown(examples[i]), examples[i].word) for i in layout.order],
       contexts=([examples[i].text for i in layout.order] if config.eval.share_text else None),
       blocks=shards)
   _check_context(lm, enc, config.label.num_tokens)
@@ -174,7 +178,7 @@ def build_pool(config: ConfigDict, lm: LoadedModel, features: list[Feature],
               slot_targets=layout.arrange(targets), tail_ids=tail_ids,
               answer_ids=answer_ids, allowed=allowed,
               schedules=schedules, mean_log_priors=priors, known_margins=known,
-              mesh=mesh if on_mesh else None, seconds=0.0)
+              mesh=mesh if on_mesh else None, seconds=0.0, notes=read)
   jax.block_until_ready((caches, priors))  # so the time reported is the work done
   pool.seconds = time.perf_counter() - start
   return pool

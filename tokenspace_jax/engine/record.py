@@ -12,6 +12,8 @@ same baselines.
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 from ml_collections import ConfigDict
 
@@ -212,6 +214,9 @@ def _record(spec, r, pool, f, p, chosen, own, decode, status, steps, trajectory,
                 'positives': int(pool.targets[train].sum())},
       'reference_word': feature.reference_word,
   }
+  if pool.notes:  # what the judge read off this feature's texts (prompt.note), most common first
+    texts = {pool.examples[i].text for i in (*train, *held)}
+    record['notes'] = dict(collections.Counter(pool.notes[t] for t in texts).most_common())
   if int(status[r]) == NON_FINITE:
     record['error'] = ('The loss became non-finite; the row stopped at its last good state '
                        f'(step {int(steps[r])}). Rerun with a lower optim.lr in a new --workdir, '

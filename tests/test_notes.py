@@ -1,0 +1,85 @@
+"""prompt.note: the judge's own reading of each text, asked once per text and shown after it."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from tokenspace_jax import config_defaults, main
+from tokenspace_jax.classifier import notes, prompts
+from tokenspace_jax.config_defaults import ConfigValueError
+from tokenspace_jax.models import load_model
+
+
+@pytest.fixture(scope='module')
+def tiny_lm(tiny_folder):
+  return load_model(tiny_folder)
+
+
+def _quick(**changes):
+  c = config_defaults.apply_arg(config_defaults.get_base_config(), 'quick')
+  c.feature.name = 'chinese'
+  c.steps = 2
+  c.early_stop.prob = 0.0
+  c.progress = False
+  return config_defaults.override(c, changes)
+
+
+@pytest.mark.parametrize('answer, word', [
+    (' Chinese.', 'Chinese'), (' Japanese\n\nExplanation:', 'Japanese'), ('中文。', '中文'),
+    ('  ', 'unknown'), (' "Korean"', '"Korean'), ('English, which is a', 'English')])
+def test_first_word_of_an_answer(answer, word):
+  assert notes.first_word(answer) == word
+
+
+def test_note_is_read_once_per_text_and_follows_the_text_in_every_prompt(tiny_lm, tmp_path,
+                                                                         monkeypatch):
+  asked, encoded = [], []
+  real_read, real_encode = notes.read_texts, prompts.encode_prompts
+
+  def read(lm, texts, note, batch=16):
+    asked.append(list(texts))
+    return real_read(lm, texts, note, batch=batch)
+
+  def encode(template, tokenizer, items, **kw):
+    encoded.append(list(items))
+    return real_encode(template, tokenizer, items, **kw)
+
+  monkeypatch.setattr(notes, 'read_texts', read)
+  monkeypatch.setattr(prompts, 'encode_prompts', encode)
+  result = main.run(_quick(**{'prompt.note': 'language'}), str(tmp_path), lm=tiny_lm)
+  (texts,), (items,) = asked, encoded
+  distinct = set(texts)
+  assert sum(result['notes'].values()) == len(distinct) > 1
+  read_again = real_read(tiny_lm, sorted(distinct), 'language')  # greedy: the same answers
+  line = config_defaults.PROMPT_NOTES['language'][2]
+  for shown, word in items:
+    text, _, last = shown.rpartition('\n')
+    assert text in distinct and word in text
+    assert last == line.format(answer=read_again[text])
+  assert set(result['notes']) == set(read_again.values())
+  assert result['config']['prompt']['note'] == 'language'
+
+
+def test_without_a_note_the_prompts_show_the_texts_alone(tiny_lm, tmp_path, monkeypatch):
+  encoded = []
+  real_encode = prompts.encode_prompts
+  monkeypatch.setattr(prompts, 'encode_prompts',
+                      lambda t, tok, items, **kw: encoded.append(list(items))
+                      or real_encode(t, tok, items, **kw))
+  monkeypatch.setattr(notes, 'read_texts', lambda *a, **k: pytest.fail('no note was asked for'))
+  result = main.run(_quick(), str(tmp_path), lm=tiny_lm)
+  assert 'notes' not in result
+  assert not any('Language of the text' in text for text, _ in encoded[0])
+
+
+def test_a_note_needs_a_chat_template_and_a_known_name():
+  plain = types.SimpleNamespace(tokenizer=types.SimpleNamespace(chat_template=None))
+  with pytest.raises(prompts.PromptError, match='chat template.*prompt.note=""'):
+    notes.read_texts(plain, ['Some text.'], 'language')
+  with pytest.raises(ConfigValueError, match="prompt.note='mood' is not one of '', 'language'"):
+    config_defaults.validate(_quick(**{'prompt.note': 'mood'}))
+  preset = config_defaults.apply_arg(config_defaults.get_base_config(), 'question_note_chat')
+  assert preset.prompt.note == 'language'
+  assert preset.prompt.user == config_defaults.QUESTION_CHAT_PROMPT['user']
