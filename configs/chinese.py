@@ -5,13 +5,16 @@ It fires on Chinese words (Japanese and Korean words are its hard negatives).
     python -m tokenspace_jax.main --config=configs/chinese.py --workdir=workdirs/chinese
     python -m tokenspace_jax.main --config=configs/chinese.py:quick --workdir=/tmp/chinese-quick
 
-Runs on the embedded default model, SmolLM2-135M-Instruct; `model=qwen2.5-coder-0.5b` (or
--1.5b) as an argument runs it on a larger offline model with that model's prompt. What each
-model labels this feature as, how sure the verdict is and how long it takes are measured in
-docs/results.md, with the commands.
+Runs on Qwen2.5-Coder-1.5B-Instruct with its prompt and a note on each text's language
+(`question_note_chat`: the judge is first asked which language each text is written in, and
+its answer follows the text in every prompt). Asked about one word, that model calls Japanese
+words in kanji Chinese; told the text's language, it sets them apart, and the run ends on
+` Chinese` (docs/results.md, "Which model each config uses"). It takes about 20 minutes and
+11 GB on 2 CPU cores; `model=smollm2-135m` (or `model=qwen2.5-coder-0.5b`) as an argument runs
+it on a smaller offline model with that model's prompt, where no label names Chinese.
 
 Arguments (comma-separated): quick (20 steps, small splits), rating (the paper's zero-shot
-chat rating prompt instead of the few-shot default), model=NAME (docs/models.md), KEY=VALUE.
+chat rating prompt), model=NAME (docs/models.md), a prompt preset, KEY=VALUE.
 """
 
 from tokenspace_jax import config_defaults as common
@@ -20,4 +23,5 @@ from tokenspace_jax import config_defaults as common
 def get_config(arg=None):
   c = common.get_base_config()
   c.feature.name = 'chinese'
-  return common.apply_arg(c, arg)
+  return common.apply_arg(
+      c, ','.join(filter(None, ['model=qwen2.5-coder-1.5b', 'question_note_chat', arg])))
