@@ -10,6 +10,7 @@ from tokenspace_jax import config_defaults, main
 from tokenspace_jax.classifier import notes, prompts
 from tokenspace_jax.config_defaults import ConfigValueError
 from tokenspace_jax.models import load_model
+from tokenspace_jax.outputs import views
 
 
 @pytest.fixture(scope='module')
@@ -60,6 +61,9 @@ def test_note_is_read_once_per_text_and_follows_the_text_in_every_prompt(tiny_lm
     assert last == line.format(answer=read_again[text])
   assert set(result['notes']) == set(read_again.values())
   assert result['config']['prompt']['note'] == 'language'
+  (shown,) = [x for x in views.summary(result).splitlines()
+               if x.startswith('  (the judge read the texts as: ')]
+  assert all(f'{answer} {count}' in shown for answer, count in result['notes'].items())
 
 
 def test_without_a_note_the_prompts_show_the_texts_alone(tiny_lm, tmp_path, monkeypatch):

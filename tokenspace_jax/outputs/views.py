@@ -76,6 +76,9 @@ def summary(result: dict) -> str:
     lines.append(f'  (descent ended on {r["descent_label"]!r}, p='
                  f'{r["descent_probability"]:.3f}; the final choice on training examples '
                  f'picked {r["label"]!r})')
+  if r.get('notes'):  # prompt.note: what the judge read off the texts, which its answers used
+    read = ', '.join(f'{answer} {count}' for answer, count in r['notes'].items())
+    lines.append(f'  (the judge read the texts as: {read})')
   lines.append('  held-out    token                 AUROC  interval          bal.acc  window')
   for s in r['heldout']['scores']:
     lines.append(f'  {s["role"]:<10}  {s["token"]!r:<20} {s["auroc"]:6.3f}  '
