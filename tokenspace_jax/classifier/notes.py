@@ -66,5 +66,5 @@ def read_texts(lm, texts: Sequence[str], note: str, batch: int = 16) -> dict[str
     for text, new in zip(chunk, out, strict=False):
       answers[text] = first_word(tok.decode(new, skip_special_tokens=True))
   log.info('prompt.note=%s: read %d texts in %.1f s', note, len(distinct),
-               time.perf_counter() - start)
+           time.perf_counter() - start)
   return answers
