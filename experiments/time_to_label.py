@@ -10,8 +10,9 @@ Each round runs ``python -m tokenspace_jax.main --config=CONFIG`` once per check
 and a fresh workdir, with ``tokenspace_jax`` imported from that checkout; the models' assembled
 files and built tokenizers are cached once for all. It prints, per run, the wall time of the whole
 process (start to label) and its peak resident memory, the record's phases (model load, pool:
-prefix caches, priors and contrast baselines; descent; scoring: the final choice and the
-verdict), the steps, the label, its held-out AUROC and verdict, and writes them all as JSON. A
+prefix caches, priors and contrast baselines, and first the notes on the texts where the prompt
+has them, also given alone as notes; descent; scoring: the final choice and the verdict), the
+steps, the label, its held-out AUROC and verdict, and writes them all as JSON. A
 checkout is any folder holding a ``tokenspace_jax`` package, such as a ``git worktree add
 /tmp/tsj-before <commit>``; ``--set NAME=ARG`` adds config arguments to one checkout's runs.
 """
@@ -26,7 +27,7 @@ import sys
 
 from child import alternate, run_child
 
-PHASES = ('model', 'pool', 'descent', 'compile', 'scoring')
+PHASES = ('model', 'pool', 'notes', 'descent', 'compile', 'scoring')
 
 
 def run_once(checkout: str, config: str, arg: str, workdir: str) -> dict:

@@ -39,7 +39,7 @@ def test_note_is_read_once_per_text_and_follows_the_text_in_every_prompt(tiny_lm
   asked, encoded = [], []
   real_read, real_encode = notes.read_texts, prompts.encode_prompts
 
-  def read(lm, texts, note, batch=16):
+  def read(lm, texts, note, batch=32):
     asked.append(list(texts))
     return real_read(lm, texts, note, batch=batch)
 
@@ -61,6 +61,7 @@ def test_note_is_read_once_per_text_and_follows_the_text_in_every_prompt(tiny_lm
     assert last == line.format(answer=read_again[text])
   assert set(result['notes']) == set(read_again.values())
   assert result['config']['prompt']['note'] == 'language'
+  assert 0 < result['phase_seconds']['notes'] < result['phase_seconds']['pool']
   (shown,) = [x for x in views.summary(result).splitlines()
                if x.startswith('  (the judge read the texts as: ')]
   assert all(f'{answer} {count}' in shown for answer, count in result['notes'].items())
@@ -75,6 +76,7 @@ def test_without_a_note_the_prompts_show_the_texts_alone(tiny_lm, tmp_path, monk
   monkeypatch.setattr(notes, 'read_texts', lambda *a, **k: pytest.fail('no note was asked for'))
   result = main.run(_quick(), str(tmp_path), lm=tiny_lm)
   assert 'notes' not in result
+  assert result['phase_seconds']['notes'] == 0
   assert not any('Language of the text' in text for text, _ in encoded[0])
 
 
@@ -87,3 +89,29 @@ def test_a_note_needs_a_chat_template_and_a_known_name():
   preset = config_defaults.apply_arg(config_defaults.get_base_config(), 'question_note_chat')
   assert preset.prompt.note == 'language'
   assert preset.prompt.user == config_defaults.QUESTION_CHAT_PROMPT['user']
+
+
+def test_answers_are_those_of_greedy_generation_of_each_whole_prompt(tiny_lm):
+  """The prefix pass and the tokens after it give what generating each whole prompt gives."""
+  from tokenspace_jax.models.generate import chat_prompt_ids, greedy_generate
+  texts = ['The cat sat on the mat.', '我们今天去公园散步。', 'A dog.', 'x',
+           '東京に住んでいます。', 'Three apples and two pears were on the table today.']
+  question, answer_start, _ = config_defaults.PROMPT_NOTES['language']
+  tok = tiny_lm.tokenizer
+  start = tok.encode(answer_start, add_special_tokens=False)
+  expected = {}
+  for t in texts:
+    (new,) = greedy_generate(tiny_lm.model, tiny_lm.params, tok,
+                             chat_prompt_ids(tok, question.format(text=t)) + start,
+                             notes._ANSWER_TOKENS)
+    expected[t] = notes.first_word(tok.decode(new, skip_special_tokens=True))
+  assert len(set(expected.values())) > 1  # the texts do get different answers
+  assert notes.read_texts(tiny_lm, texts + texts[:2], 'language', batch=4) == expected
+  assert notes.read_texts(tiny_lm, texts[3:4], 'language') == {texts[3]: expected[texts[3]]}
+
+
+@pytest.mark.parametrize('answer, complete', [
+    (' Chinese', False), (' Chinese.', False), (' Chinese.\n', True), (' Cant', False),
+    ('  ', False), (' Chinese and', True)])
+def test_an_answer_is_read_until_its_first_word_is_complete(answer, complete):
+  assert notes._word_complete(answer) is complete

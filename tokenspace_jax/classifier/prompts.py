@@ -129,7 +129,7 @@ class EncodedPrompts:
     return n
 
 
-def _common_prefix_length(seqs: Sequence[list[int]]) -> int:
+def common_prefix_length(seqs: Sequence[list[int]]) -> int:
   shortest = min(len(s) for s in seqs)
   n = 0
   while n < shortest and all(s[n] == seqs[0][n] for s in seqs):
@@ -182,7 +182,7 @@ def split_contexts(rest: Sequence[list[int]], keys: Sequence, blocks: int = 1,
   for run in runs:
     for members in run:
       seqs = [rest[i] for i in members]
-      length = min(_common_prefix_length(seqs), min(len(s) for s in seqs) - 1)
+      length = min(common_prefix_length(seqs), min(len(s) for s in seqs) - 1)
       for i in members:
         context_of[i] = len(contexts)
         own[i] = rest[i][length:]
@@ -217,7 +217,7 @@ def encode_prompts(template: PromptTemplate, tokenizer, items: Sequence[tuple[st
                         'must be the last example-dependent part of the prompt.')
     prefixes.append(_encode(tokenizer, before))
   # Every example keeps at least one token of its own: the slot's prior is read there.
-  shared = min(_common_prefix_length(prefixes), min(len(p) for p in prefixes) - 1)
+  shared = min(common_prefix_length(prefixes), min(len(p) for p in prefixes) - 1)
   rest = [p[shared:] for p in prefixes]
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   context = {}

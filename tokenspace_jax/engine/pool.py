@@ -91,6 +91,7 @@ class Pool:
   mesh: jax.sharding.Mesh | None  # None: one device
   seconds: float
   notes: dict[str, str] = dataclasses.field(default_factory=dict)  # text -> the judge's note
+  notes_seconds: float = 0.0  # the part of ``seconds`` spent reading the notes
 
   def split(self, feature: int, train: bool) -> np.ndarray:
     """Example indices of one split of one feature."""
@@ -136,7 +137,10 @@ def build_pool(config: ConfigDict, lm: LoadedModel, features: list[Feature],
     raise ConfigValueError(f'{e} (mesh.data={shards}).') from None
   template = prompts.template_from_config(config.prompt)
   note = config.prompt.get('note', '')
-  read = notes.read_texts(lm, [e.text for e in examples], note) if note else {}
+  notes_start = time.perf_counter()
+  read = (notes.read_texts(lm, [e.text for e in examples], note,
+                           batch=config.eval.prefix_batch_size) if note else {})
+  notes_seconds = time.perf_counter() - notes_start
   shown = (lambda e: notes.noted_text(e.text, note, read[e.text])) if note else (lambda e: e.text)
   enc = prompts.encode_prompts(
       template, lm.tokenizer, [(shown(examples[i]), examples[i].word) for i in layout.order],
@@ -178,7 +182,8 @@ def build_pool(config: ConfigDict, lm: LoadedModel, features: list[Feature],
               slot_targets=layout.arrange(targets), tail_ids=tail_ids,
               answer_ids=answer_ids, allowed=allowed,
               schedules=schedules, mean_log_priors=priors, known_margins=known,
-              mesh=mesh if on_mesh else None, seconds=0.0, notes=read)
+              mesh=mesh if on_mesh else None, seconds=0.0, notes=read,
+              notes_seconds=notes_seconds if note else 0.0)
   jax.block_until_ready((caches, priors))  # so the time reported is the work done
   pool.seconds = time.perf_counter() - start
   return pool

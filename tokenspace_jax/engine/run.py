@@ -184,6 +184,6 @@ def label_features(config: ConfigDict, lm: LoadedModel, features: list[Feature],
   return Labeled(records=records, specs=specs, pool=pool, loop=result,
                  trajectory=trajectory.records if trajectory is not None else [],
                  resumed_at=resumed_at,
-                 seconds={'pool': pool.seconds, 'descent': result.descent_seconds,
-                          'compile': result.compile_seconds,
+                 seconds={'pool': pool.seconds, 'notes': pool.notes_seconds,
+                          'descent': result.descent_seconds, 'compile': result.compile_seconds,
                           'scoring': time.perf_counter() - start})
