@@ -9,7 +9,7 @@ Runs on Qwen2.5-Coder-1.5B-Instruct with its prompt and a note on each text's la
 (`question_note_chat`: the judge is first asked which language each text is written in, and
 its answer follows the text in every prompt). Asked about one word, that model calls Japanese
 words in kanji Chinese; told the text's language, it sets them apart, and the run ends on
-` Chinese` (docs/results.md, "Which model each config uses"). It takes about 20 minutes and
+` Chinese` (docs/results.md, "Which model each config uses"). It takes about 17 minutes and
 11 GB on 2 CPU cores; `model=smollm2-135m` (or `model=qwen2.5-coder-0.5b`) as an argument runs
 it on a smaller offline model with that model's prompt, where no label names Chinese.
 
