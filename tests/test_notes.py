@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import types
 
 import pytest
@@ -115,3 +116,53 @@ def test_answers_are_those_of_greedy_generation_of_each_whole_prompt(tiny_lm):
     ('  ', False), (' Chinese and', True)])
 def test_an_answer_is_read_until_its_first_word_is_complete(answer, complete):
   assert notes._word_complete(answer) is complete
+
+
+@pytest.mark.slow  # three tiny runs, about a minute
+def test_a_resumed_run_reads_its_kept_notes_instead_of_asking_again(tiny_lm, tmp_path,
+                                                                     monkeypatch):
+  config = _quick(**{'prompt.note': 'language'})
+  first = main.run(config, str(tmp_path), lm=tiny_lm)
+  kept = tmp_path / 'notes.json'
+  saved = json.loads(kept.read_text())
+  assert saved['note'] == 'language' and len(saved['answers']) == sum(first['notes'].values())
+  real_read = notes.read_texts
+  (tmp_path / 'result.json').unlink()  # killed after its last checkpoint, before the result
+  monkeypatch.setattr(notes, 'read_texts', lambda *a, **k: pytest.fail('the notes were kept'))
+  again = main.run(config, str(tmp_path), lm=tiny_lm)
+  assert again['notes'] == first['notes'] and again['label'] == first['label']
+
+  # Unreadable kept notes are read again, and kept anew.
+  kept.write_text('{"note": "language", "answers": [1, 2')
+  (tmp_path / 'result.json').unlink()
+  asked = []
+  monkeypatch.setattr(notes, 'read_texts',
+                      lambda lm, texts, note, **k: asked.append(texts) or real_read(lm, texts,
+                                                                                    note, **k))
+  third = main.run(config, str(tmp_path), lm=tiny_lm)
+  assert len(asked) == 1 and third['notes'] == first['notes']
+  assert json.loads(kept.read_text()) == saved
+
+
+@pytest.mark.parametrize('content, note, expected', [
+    ('{"note": "language", "answers": {"Some text.": "English"}}', 'language',
+     {'Some text.': 'English'}),
+    ('{"note": "mood", "answers": {"Some text.": "calm"}}', 'language', {}),  # another note
+    ('{"note": "language", "answers": [1, 2', 'language', {}),  # cut short
+    ('[1, 2]', 'language', {}),
+    (None, 'language', {}),  # none kept
+    ('{"note": "language", "answers": {"Some text.": "English"}}', '', {}),  # no note asked
+])
+def test_kept_notes_are_used_only_when_whole_and_of_the_same_note(tmp_path, caplog, content,
+                                                                   note, expected):
+  from tokenspace_jax.outputs import checkpoint
+  path = checkpoint.notes_path(str(tmp_path / 'checkpoints'))
+  assert path == str(tmp_path / 'notes.json')
+  if content is not None:
+    (tmp_path / 'notes.json').write_text(content)
+  with caplog.at_level('WARNING', logger='tokenspace_jax'):
+    assert checkpoint.load_notes(path, note) == expected
+  assert ('unreadable' in caplog.text) == (content is not None and note != ''
+                                           and not content.endswith('}}'))
+  checkpoint.save_notes(path, 'language', {'Other text.': 'French'})
+  assert checkpoint.load_notes(path, 'language') == {'Other text.': 'French'}

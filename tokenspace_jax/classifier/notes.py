@@ -13,7 +13,7 @@ the chat turn's tokens before the text, the same for every text, run once; each 
 tokens on top of them; the answer's first token is the most probable next token there. Further
 tokens run on top of the same caches, only until every answer's first word is complete.
 Generating each whole prompt from scratch, left-padded, computed about twice the tokens
-(docs/results.md, "Time").
+(docs/results.md, "Notes on the texts read on the prefix pass").
 """
 
 from __future__ import annotations

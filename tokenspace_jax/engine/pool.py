@@ -118,8 +118,12 @@ class Pool:
 
 
 def build_pool(config: ConfigDict, lm: LoadedModel, features: list[Feature],
-               mesh: jax.sharding.Mesh | None = None, n_local: int = 0) -> Pool:
-  """Caps and lays out the features' examples, computes their caches, priors and schedules."""
+               mesh: jax.sharding.Mesh | None = None, n_local: int = 0,
+               known_notes: dict[str, str] | None = None) -> Pool:
+  """Caps and lays out the features' examples, computes their caches, priors and schedules.
+
+  ``known_notes`` (text -> note) are notes read before, by this model under this note (a
+  resumed run's); only the texts they lack are put to the judge."""
   start = time.perf_counter()
   examples, groups, train = [], [], []
   for f, feature in enumerate(features):
@@ -138,8 +142,13 @@ def build_pool(config: ConfigDict, lm: LoadedModel, features: list[Feature],
   template = prompts.template_from_config(config.prompt)
   note = config.prompt.get('note', '')
   notes_start = time.perf_counter()
-  read = (notes.read_texts(lm, [e.text for e in examples], note,
-                           batch=config.eval.prefix_batch_size) if note else {})
+  read = {}
+  if note:
+    texts = {e.text for e in examples}
+    read = {t: a for t, a in (known_notes or {}).items() if t in texts}
+    if texts - set(read):
+      read.update(notes.read_texts(lm, sorted(texts - set(read)), note,
+                                   batch=config.eval.prefix_batch_size))
   notes_seconds = time.perf_counter() - notes_start
   shown = (lambda e: notes.noted_text(e.text, note, read[e.text])) if note else (lambda e: e.text)
   enc = prompts.encode_prompts(

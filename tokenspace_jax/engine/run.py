@@ -27,6 +27,7 @@ from tokenspace_jax.engine.pool import Pool, build_pool
 from tokenspace_jax.features import Feature
 from tokenspace_jax.models import LoadedModel, load_model
 from tokenspace_jax.models.loading.param_mapping import abstract_params
+from tokenspace_jax.outputs import checkpoint
 from tokenspace_jax.outputs.checkpoint import Checkpointer, StopFlag
 from tokenspace_jax.outputs.report import Trajectory
 from tokenspace_jax.outputs.workdir import fingerprint_file, fingerprint_model
@@ -145,8 +146,16 @@ def label_features(config: ConfigDict, lm: LoadedModel, features: list[Feature],
                    progress: bool = False, name: str = '', n_local: int = 0,
                    pool: Pool | None = None) -> Labeled:
   """Every row of every feature descended from ``checkpoints`` (resumed when it holds one) and
-  scored. ``write`` is False on processes other than 0 of a multi-host job."""
-  pool = pool or build_pool(config, lm, features, mesh, n_local)
+  scored. ``write`` is False on processes other than 0 of a multi-host job. The judge's notes
+  on the texts (``prompt.note``) are kept beside the checkpoints, so a resumed run does not
+  read them again."""
+  if pool is None:
+    note = config.prompt.get('note', '')
+    kept_at = checkpoint.notes_path(checkpoints)
+    kept = checkpoint.load_notes(kept_at, note)
+    pool = build_pool(config, lm, features, mesh, n_local, known_notes=kept)
+    if write and note and pool.notes != kept:
+      checkpoint.save_notes(kept_at, note, {**kept, **pool.notes})
   d = prepare_descent(config, lm, pool)
   specs, state, data, hp = d.specs, d.state, d.data, d.hp
   ckpt = Checkpointer(checkpoints, config.checkpoint_every)

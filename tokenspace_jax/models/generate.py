@@ -41,13 +41,11 @@ def _decode_step(model: Llama, params, cache: KVCache, last, done, eos_id):
   return nxt, cache, done | (nxt == eos_id)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0,
-             multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
-  """(tokens, mask) [batch, longest rounded up to ``multiple``] with each prompt flush right; the
-  pad id is never attended."""
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens, mask) [batch, longest] with each prompt flush right; the pad id is never attended."""
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError('Every prompt needs at least one token.')
-  width = -(-max(len(p) for p in prompts) // multiple) * multiple
+  width = max(len(p) for p in prompts)
   tokens = np.full((len(prompts), width), pad_id, np.int32)
   mask = np.zeros((len(prompts), width), bool)
   for i, p in enumerate(prompts):
@@ -58,14 +56,13 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0,
 
 def greedy_generate(model: Llama, params, tokenizer: Any | None,
                     prompt_ids: Sequence[Sequence[int]] | Sequence[int], max_new_tokens: int,
-                    eos_id: int | None = None, pad_to_multiple: int = 1) -> list[list[int]]:
+                    eos_id: int | None = None) -> list[list[int]]:
   """Greedy continuation of each prompt; returns only the new tokens, one list per prompt.
 
   A single prompt (a flat list of ids) is treated as a batch of one. ``eos_id`` defaults to the
   tokenizer's eos token; a row stops after emitting it (the eos is included, as transformers'
   ``generate`` does), and decoding stops when every row has. With no eos at all every row gets
-  exactly ``max_new_tokens`` tokens. ``pad_to_multiple`` rounds the padded prompt width up, so
-  that calls on prompts of similar lengths share one compilation.
+  exactly ``max_new_tokens`` tokens.
   """
   single = len(prompt_ids) > 0 and np.ndim(prompt_ids[0]) == 0
   prompts = [[int(t) for t in p] for p in ([prompt_ids] if single else prompt_ids)]
@@ -73,7 +70,7 @@ def greedy_generate(model: Llama, params, tokenizer: Any | None,
     eos_id = tokenizer.eos_token_id
   if max_new_tokens <= 0:
     return [[] for _ in prompts]
-  tokens, mask = left_pad(prompts, multiple=pad_to_multiple)
+  tokens, mask = left_pad(prompts)
   capacity = tokens.shape[1] + max_new_tokens
   # -1 never matches a token id, so "no eos" needs no separate compiled variant.
   eos = jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32)

@@ -324,3 +324,32 @@ class StopFlag:
     finally:
       for s, h in old.items():
         signal.signal(s, h)
+
+
+def notes_path(checkpoints: str) -> str:
+  """Where a run's notes on its texts are kept: beside its checkpoint directory."""
+  return os.path.join(os.path.dirname(os.path.abspath(checkpoints)), 'notes.json')
+
+
+def load_notes(path: str, note: str) -> dict[str, str]:
+  """The notes (text -> answer) kept at ``path`` under ``note``; none where there are none, or
+  the file cannot be read (they are then read from the model again)."""
+  if not note or not os.path.exists(path):
+    return {}
+  try:
+    with open(path, encoding='utf-8') as f:
+      kept = json.load(f)
+    answers = kept['answers'] if kept.get('note') == note else {}
+    return {str(t): str(a) for t, a in answers.items()}
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    log.warning('The kept notes %s are unreadable (%s); the texts are read again.', path, e)
+    return {}
+
+
+def save_notes(path: str, note: str, answers: dict[str, str]):
+  """Keeps the notes, so a resumed run does not put its texts to the judge again; a failed
+  write only costs that."""
+  try:
+    storage.write_json(path, {'note': note, 'answers': answers}, indent=None)
+  except OSError as e:  # StorageError too
+    log.warning('Could not keep the notes in %s (%s); a resumed run reads them again.', path, e)
