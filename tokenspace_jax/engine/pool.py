@@ -141,15 +141,15 @@ def build_pool(config: ConfigDict, lm: LoadedModel, features: list[Feature],
     raise ConfigValueError(f'{e} (mesh.data={shards}).') from None
   template = prompts.template_from_config(config.prompt)
   note = config.prompt.get('note', '')
-  notes_start = time.perf_counter()
-  read = {}
+  read, notes_seconds = {}, 0.0
   if note:
+    notes_start = time.perf_counter()
     texts = {e.text for e in examples}
     read = {t: a for t, a in (known_notes or {}).items() if t in texts}
     if texts - set(read):
       read.update(notes.read_texts(lm, sorted(texts - set(read)), note,
                                    batch=config.eval.prefix_batch_size))
-  notes_seconds = time.perf_counter() - notes_start
+    notes_seconds = time.perf_counter() - notes_start
   shown = (lambda e: notes.noted_text(e.text, note, read[e.text])) if note else (lambda e: e.text)
   enc = prompts.encode_prompts(
       template, lm.tokenizer, [(shown(examples[i]), examples[i].word) for i in layout.order],
@@ -192,7 +192,7 @@ def build_pool(config: ConfigDict, lm: LoadedModel, features: list[Feature],
               answer_ids=answer_ids, allowed=allowed,
               schedules=schedules, mean_log_priors=priors, known_margins=known,
               mesh=mesh if on_mesh else None, seconds=0.0, notes=read,
-              notes_seconds=notes_seconds if note else 0.0)
+              notes_seconds=notes_seconds)
   jax.block_until_ready((caches, priors))  # so the time reported is the work done
   pool.seconds = time.perf_counter() - start
   return pool

@@ -154,7 +154,7 @@ def label_features(config: ConfigDict, lm: LoadedModel, features: list[Feature],
     kept_at = checkpoint.notes_path(checkpoints)
     kept = checkpoint.load_notes(kept_at, note)
     pool = build_pool(config, lm, features, mesh, n_local, known_notes=kept)
-    if write and note and pool.notes != kept:
+    if write and set(pool.notes) - set(kept):  # texts read now
       checkpoint.save_notes(kept_at, note, {**kept, **pool.notes})
   d = prepare_descent(config, lm, pool)
   specs, state, data, hp = d.specs, d.state, d.data, d.hp
