@@ -583,3 +583,39 @@ def test_final_choice_screens_candidates_and_runs_each_pair_once():
   calibration = chooser.slots[::3]
   screened.margins([everyone[k] for k in finalists], calibration)
   assert len(pairs) == len(everyone) * screen + len(finalists) * (n - screen)
+
+
+def test_runner_up_is_the_best_other_finalist_against_the_label_on_the_same_examples():
+  """The record's runner-up: the best finalist after the chosen label, its training AUROC and
+  the paired bootstrap interval of chosen minus it, from the choice's own margins (no pair runs
+  again)."""
+  from ml_collections import ConfigDict
+
+  from tokenspace_jax.engine import record, scoring
+
+  model, params = _tiny()
+  n = 24
+  targets = np.array([1, 0] * (n // 2), np.float32)
+  data = _data(model, params, targets, np.arange(n)[None] % n)
+  scorer = scoring.LabelScorer(model, params, data.caches, data.tail_ids, data.answer_ids,
+                               False, rows=1)
+  chooser = scoring.Split(slots=np.arange(n), targets=targets, windows=np.arange(n),
+                          activations=targets.astype(np.float64))
+  finalists = [10, 11, 12, 13, [14, 15]]
+  train_auroc, _ = record.final_choice(scorer, {0: finalists}, chooser, 0, 1, seed=3)
+  key = scoring.label_key
+  ranked = sorted(finalists, key=lambda c: -train_auroc[key(c)])
+  run, pairs = scorer._margins, []
+  scorer.__dict__['_margins'] = lambda *a: pairs.append(1) or run(*a)
+  config = ConfigDict({'eval': {'bootstrap': 200, 'confidence': 0.9}, 'seed': 0})
+  for chosen, expected in ((ranked[0], ranked[1]), (ranked[1], ranked[0])):
+    second = record.runner_up(scorer, chosen, finalists, train_auroc, chooser, config,
+                              decode=str)
+    assert second['token_id'] == record._label(expected) and second['token'] == str(expected)
+    assert second['train_auroc'] == train_auroc[key(expected)]
+    assert second['difference'] == pytest.approx(
+        train_auroc[key(chosen)] - train_auroc[key(expected)])
+    lo, hi = second['difference_interval']
+    assert -1 <= lo <= hi <= 1 and lo < second['difference'] + 0.2
+  assert not pairs
+  assert record.runner_up(scorer, 10, [10], train_auroc, chooser, config, str) is None

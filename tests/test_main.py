@@ -73,6 +73,21 @@ def test_run_writes_a_complete_result(tiny_lm, tmp_path, monkeypatch):
     assert first.startswith(f"Feature 'animal': label {result['label']!r} (p=")
     assert ('under the descent' in first) == changed
     assert ("(descent ended on ' other', p=0.987;" in second) == changed
+  # The best finalist after the label, against it on the choice's own training examples.
+  second = result['choice']['runner_up']
+  finalists = {c['token']: c['train_auroc'] for c in result['choice']['candidates']
+               if c['examples'] == result['choice']['examples']}
+  assert second['token'] in finalists and second['token'] != result['label']
+  assert second['train_auroc'] == max(a for t, a in finalists.items() if t != result['label'])
+  assert second['difference'] == pytest.approx(result['train_auroc'] - second['train_auroc'])
+  assert second['difference'] >= 0 and len(second['difference_interval']) == 2
+  # A close choice is said so; a clear one, or a record without a runner-up, is not.
+  for interval, close in (([-0.02, 0.04], True), ([0.005, 0.04], False), (None, False)):
+    shown = {**result, 'choice': {**result['choice'], 'runner_up': {
+        **second, 'token': ' other', 'difference': 0.01, 'difference_interval': interval}}}
+    assert ("(a close choice: ' other' scores" in views.summary(shown)) == close
+  assert 'a close choice' not in views.summary(
+      {**result, 'choice': {k: v for k, v in result['choice'].items() if k != 'runner_up'}})
 
 
 def test_rating_prompt_runs(tiny_lm, tmp_path):

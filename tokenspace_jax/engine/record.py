@@ -90,6 +90,29 @@ def final_choice(scorer: scoring.LabelScorer, candidates: dict[int, list],
           {key: (n if key in final else len(first.slots)) for key in screened})
 
 
+def runner_up(scorer: scoring.LabelScorer, chosen, finalists: list, train_auroc: dict,
+              chooser: scoring.Split, config: ConfigDict, decode) -> dict | None:
+  """The best finalist after the chosen label, and how far apart the two are on the choice's
+  training examples: the paired bootstrap interval of chosen minus runner-up.
+
+  A final choice ranks its finalists by their training AUROC, and equal AUROCs fall to the
+  earlier candidate (the descent's more probable token): when the two are within noise the
+  label is one of them by chance, which the record says (``views.summary`` prints it). Their
+  margins are the choice's own, so nothing is run again.
+  """
+  others = [c for c in finalists if label_key(c) != label_key(chosen)]
+  if not others:
+    return None
+  second = max(others, key=lambda c: train_auroc[label_key(c)])
+  samples = scoring.bootstrap_aurocs(scorer.margins([chosen, second], chooser.slots),
+                                     chooser.targets, config.eval.bootstrap, config.seed + 6)
+  diff = samples[0] - samples[1]
+  gap = float(train_auroc[label_key(chosen)] - train_auroc[label_key(second)])
+  return {'token': decode(second), 'token_id': _label(second),
+          'train_auroc': float(train_auroc[label_key(second)]), 'difference': gap,
+          'difference_interval': scoring.interval(diff, config.eval.confidence)}
+
+
 def _split(pool: Pool, idx: np.ndarray) -> scoring.Split:
   ex = [pool.examples[i] for i in idx]  # of one feature, whose windows are numbered apart
   return scoring.Split(slots=pool.slot_of[idx], targets=pool.targets[idx],
@@ -130,6 +153,7 @@ def score_rows(config: ConfigDict, tokenizer, scorer: scoring.LabelScorer, pool:
     calib = within[stratified_pick(pool.targets[within], config.eval.calibration_examples,
                                    config.seed + 2)]
     extra = extra_candidates(config, tokenizer, pool)
+    choice_split = _split(pool, chooser)
     # Each row's candidates: its descent label first, then its top tokens, then the extras.
     candidates = {}
     for r in rows:
@@ -145,10 +169,11 @@ def score_rows(config: ConfigDict, tokenizer, scorer: scoring.LabelScorer, pool:
         cands += extra
       candidates[r] = distinct(cands)
     train_auroc, scored_on = final_choice(
-        scorer, {r: candidates[r] for r in rows}, _split(pool, chooser), config.choice.screen,
+        scorer, {r: candidates[r] for r in rows}, choice_split, config.choice.screen,
         config.choice.keep, config.seed + 5)
-    chosen = {r: (max((c for c in candidates[r] if scored_on[label_key(c)] == len(chooser)),
-                      key=lambda c: train_auroc[label_key(c)])
+    finalists = {r: [c for c in candidates[r] if scored_on[label_key(c)] == len(chooser)]
+                 for r in rows}
+    chosen = {r: (max(finalists[r], key=lambda c: train_auroc[label_key(c)])
                   if config.choice.top_k > 0 else candidates[r][0]) for r in rows}
     baselines = baseline_labels(config, tokenizer, pool, f, p.shape[1])
     labels = distinct([c for r in rows for c in (chosen[r], candidates[r][0])])
@@ -174,7 +199,9 @@ def score_rows(config: ConfigDict, tokenizer, scorer: scoring.LabelScorer, pool:
           'changed': label_key(chosen[r]) != label_key(candidates[r][0]),
           'candidates': [{'token': decode(c), 'token_id': _label(c),
                           'train_auroc': train_auroc.get(label_key(c)),
-                          'examples': scored_on[label_key(c)]} for c in candidates[r]]}
+                          'examples': scored_on[label_key(c)]} for c in candidates[r]],
+          'runner_up': runner_up(scorer, chosen[r], finalists[r], train_auroc, choice_split,
+                                 config, decode)}
       record['heldout']['scores'] = [s.as_dict() for s in row_scores]
       record['heldout']['descent'] = descent_score
       record['heldout']['verdict'] = verdict

@@ -14,8 +14,15 @@ import json
 from ml_collections import ConfigDict
 
 
-def _interval(c) -> str:
-  return f'[{c[0]:.3f}, {c[1]:.3f}]' if c else ''
+def _interval(c, sign: str = '') -> str:
+  return f'[{c[0]:{sign}.3f}, {c[1]:{sign}.3f}]' if c else ''
+
+
+def _close(second: dict) -> bool:
+  """Whether the final choice's runner-up is within noise of the label on the training
+  examples: the paired interval of their difference reaches zero (with no interval, a tie)."""
+  c = second['difference_interval']
+  return c[0] <= 0 if c else second['difference'] <= 0
 
 
 def result_view(record: dict, *, config: ConfigDict, model: str, timings: dict) -> dict:
@@ -76,6 +83,11 @@ def summary(result: dict) -> str:
     lines.append(f'  (descent ended on {r["descent_label"]!r}, p='
                  f'{r["descent_probability"]:.3f}; the final choice on training examples '
                  f'picked {r["label"]!r})')
+  second = r['choice'].get('runner_up')  # absent from records written before it was kept
+  if second and _close(second):
+    lines.append(f'  (a close choice: {second["token"]!r} scores {second["train_auroc"]:.3f} on '
+                 f'the same {r["choice"]["examples"]} training examples, difference '
+                 f'{second["difference"]:+.3f} {_interval(second["difference_interval"], "+")})')
   if r.get('notes'):  # prompt.note: what the judge read off the texts, which its answers used
     read = ', '.join(f'{answer} {count}' for answer, count in r['notes'].items())
     lines.append(f'  (the judge read the texts as: {read})')
