@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
+
+# One persistent compilation cache for the whole test run, this process and the commands the
+# tests start: many tests compile the same functions of the same tiny models (a step, a scorer,
+# a prefix pass), and a cache hit skips XLA's compile. Every entry is kept, however quick its
+# compile: the tiny models' take under JAX's default threshold of one second. Set before JAX is
+# imported, which reads these once; a JAX_COMPILATION_CACHE_DIR already set (to keep the cache
+# warm between runs) is used as it is. docs/performance.md ("The test run") has the figures.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='tokenspace-jax-tests-')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], True)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 # The package is used from the checkout, not installed; the pytest script does not put the
 # working directory on sys.path the way ``python -m pytest`` does.
