@@ -196,7 +196,10 @@ def _final_label(workdir):
 
 
 def test_sigterm_then_resume_equals_uninterrupted_run(tiny_folder, tmp_path):
-  env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
+  # Without the tests' shared compilation cache: each run keeps its own in its workdir, and the
+  # resumed run loads what the killed one compiled.
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  env['PYTHONUNBUFFERED'] = '1'
   straight = tmp_path / 'straight'
   subprocess.run(_main(straight, tiny_folder), cwd=ROOT, env=env, check=True,
                  capture_output=True, timeout=600)
@@ -217,11 +220,14 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tiny_folder, tmp_path):
   assert not (killed / 'result.json').exists()
   stopped_at = len(trajectory.read_text().splitlines())
   assert 6 <= stopped_at < 16
+  compiled = sorted(os.listdir(killed / 'compilation_cache'))
+  assert any(name.endswith('-cache') for name in compiled), compiled
 
-  resumed = subprocess.run(_main(killed, tiny_folder), cwd=ROOT, env=env, capture_output=True,
-                           timeout=600)
+  resumed = subprocess.run(_main(killed, tiny_folder), cwd=ROOT,
+                           env={**env, 'JAX_LOG_COMPILES': '1'}, capture_output=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
   assert b'Resumed from the checkpoint' in resumed.stderr
+  assert b'Persistent compilation cache hit' in resumed.stderr
   step_a, label_a = _final_label(straight)
   step_b, label_b = _final_label(killed)
   assert step_a == step_b == 16

@@ -217,12 +217,7 @@ def main(argv):
   suffix = f'-shard{b.shard}of{b.num_shards}' if b.num_shards > 1 else ''
   workdir = cli.WORKDIR.value or os.path.join('workdirs', f'batch-{stem or "run"}{suffix}')
   logging.getLogger('absl').setLevel(logging.WARNING)
-  if not jax.config.jax_compilation_cache_dir:
-    # A job restarted after a preemption loads its compiled steps instead of compiling them
-    # again (minutes for a large model on a TPU). JAX_COMPILATION_CACHE_DIR picks another place.
-    jax.config.update('jax_compilation_cache_dir',
-                      os.path.abspath(os.path.join(workdir, 'compilation_cache')))
-  log.info('Workdir %s, compilation cache %s\n%s', workdir, jax.config.jax_compilation_cache_dir,
+  log.info('Workdir %s, compilation cache %s\n%s', workdir, cli.use_compilation_cache(workdir),
            config)
   counts, code = cli.run_reporting_errors(lambda: (distributed.initialize(),
                                                    run(config, workdir))[1])

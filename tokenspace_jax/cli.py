@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
 from absl import app, flags
@@ -56,6 +58,28 @@ def config_from_flags(argv, example: str):
     print(f'error: {str(e).strip()}', file=sys.stderr)
     return None
   return config
+
+
+def use_compilation_cache(workdir: str) -> str | None:
+  """Keeps JAX's compiled programs in ``workdir/compilation_cache``, unless
+  JAX_COMPILATION_CACHE_DIR names another place; returns the folder used, or None.
+
+  A run resumed after a kill or a preemption then loads its compiled step, scorer and prefix
+  passes instead of compiling them again (minutes for a large model on a TPU; docs/robustness.md
+  has a small model's figure on CPU). Call it before anything compiles: JAX
+  reads the setting once. A folder that cannot be made leaves the cache off, so the workdir's
+  own check reports the problem in one line."""
+  import jax
+
+  if not jax.config.jax_compilation_cache_dir:
+    folder = os.path.abspath(os.path.join(workdir, 'compilation_cache'))
+    try:
+      os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+      logging.getLogger('tokenspace_jax').warning('No compilation cache (%s): %s', folder, e)
+      return None
+    jax.config.update('jax_compilation_cache_dir', folder)
+  return jax.config.jax_compilation_cache_dir
 
 
 def config_filename() -> str:

@@ -135,10 +135,11 @@ def main(argv):
     return 1
   logging.getLogger('absl').setLevel(logging.WARNING)
   overrides = [a for a in sys.argv[1:] if a.startswith('--config.')]
-  log.info('Config %s, overrides %s, workdir %s\n%s', cli.config_filename(), overrides, workdir,
-           config)
   finished = os.path.exists(os.path.join(workdir, 'sweep.json' if is_sweep(config)
                                          else 'result.json'))  # what run() will only read
+  cache = None if finished else cli.use_compilation_cache(workdir)
+  log.info('Config %s, overrides %s, workdir %s, compilation cache %s\n%s',
+           cli.config_filename(), overrides, workdir, cache, config)
   # Before anything touches a device: joins the other hosts of a pod slice (auto-detected on
   # Cloud TPU, or from JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID); a no-op on a
   # single machine.
