@@ -66,9 +66,9 @@ def use_compilation_cache(workdir: str) -> str | None:
 
   A run resumed after a kill or a preemption then loads its compiled step, scorer and prefix
   passes instead of compiling them again (minutes for a large model on a TPU; docs/robustness.md
-  has a small model's figure on CPU). Call it before anything compiles: JAX
-  reads the setting once. A folder that cannot be made leaves the cache off, so the workdir's
-  own check reports the problem in one line."""
+  has a small model's figure on CPU). Call it before anything compiles: JAX reads the setting
+  once. A folder that cannot be made leaves the cache off, so the workdir's own check reports
+  the problem in one line."""
   import jax
 
   if not jax.config.jax_compilation_cache_dir:
