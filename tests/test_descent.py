@@ -69,6 +69,7 @@ def test_gradient_matches_finite_differences(full_vocab):
       return objective(lab, params, data.caches, idx, data.targets, data.tail_ids,
                        data.answer_ids, data.allowed, data.mean_log_prior, jnp.asarray(0))[0]
 
+    loss = jax.jit(loss)
     grad = jax.grad(loss)(label)
     eps = 1e-6
     for _ in range(3):

@@ -196,13 +196,13 @@ def _final_label(workdir):
 
 
 def test_sigterm_then_resume_equals_uninterrupted_run(tiny_folder, tmp_path):
-  # Without the tests' shared compilation cache: each run keeps its own in its workdir, and the
-  # resumed run loads what the killed one compiled.
+  # The killed and the resumed run without the tests' shared compilation cache: each keeps its
+  # own in its workdir, and the resumed run loads what the killed one compiled.
   env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
   env['PYTHONUNBUFFERED'] = '1'
   straight = tmp_path / 'straight'
-  subprocess.run(_main(straight, tiny_folder), cwd=ROOT, env=env, check=True,
-                 capture_output=True, timeout=600)
+  subprocess.run(_main(straight, tiny_folder), cwd=ROOT, check=True, capture_output=True,
+                 timeout=600)
 
   killed = tmp_path / 'killed'
   proc = subprocess.Popen(_main(killed, tiny_folder), cwd=ROOT, env=env,

@@ -14,7 +14,6 @@ import importlib.util
 import json
 import os
 import sys
-import time
 import types
 
 import pytest
@@ -114,9 +113,7 @@ def test_notebook_runs_headless_in_quick_mode(tmp_path, monkeypatch):
   shown = []
   monkeypatch.setitem(sys.modules, 'IPython', fake_ipython(shown))
   workdir = str(tmp_path / 'notebook')
-  start = time.perf_counter()
   ns = execute(load_notebook(), {'QUICK': True, 'WORKDIR': workdir})
-  seconds = time.perf_counter() - start
   result = ns['result']
   assert result['config']['steps'] == 20, 'QUICK did not select configs/animal.py:quick'
   assert result['feature'] == 'animal'
@@ -136,9 +133,6 @@ def test_notebook_runs_headless_in_quick_mode(tmp_path, monkeypatch):
   assert shown[-1][0] == (os.path.join(workdir, 'trajectory.png'),)
   assert 'label' in ns['views'].summary(result)
   assert ns['mesh'].shape['data'] >= 1
-  # About 65 s on two CPU cores shared with other jobs (load average 5); a full 300-step run
-  # would take minutes. The bound leaves room for a busier machine rather than being flaky.
-  assert seconds < 180, f'the notebook took {seconds:.0f} s in quick mode; it should take ~1 min'
 
 
 if __name__ == '__main__':

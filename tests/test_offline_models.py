@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -238,16 +240,23 @@ def test_tokenizer_is_cached_and_equivalent(cache, monkeypatch, assert_same_toke
   built = tokenizer_module.load_tokenizer(path)
   folder = tokenizer_module.cached_tokenizer_dir(path)
   assert os.path.isfile(os.path.join(folder, 'tokenizer.json'))
-  real = tokenizer_module.AutoTokenizer.from_pretrained
+  import transformers
   calls = []
 
-  def from_pretrained(where, **kw):
-    calls.append((where, kw))
-    return real(where, **kw)
+  def recording(name, real):
+    def from_pretrained(where, **kw):
+      calls.append((name, where, kw))
+      return real(where, **kw)
+    return from_pretrained
 
-  monkeypatch.setattr(tokenizer_module.AutoTokenizer, 'from_pretrained', from_pretrained)
+  saved_as = type(built)
+  monkeypatch.setattr(transformers.AutoTokenizer, 'from_pretrained',
+                      recording('auto', transformers.AutoTokenizer.from_pretrained))
+  monkeypatch.setattr(saved_as, 'from_pretrained',
+                      recording(saved_as.__name__, saved_as.from_pretrained))
   cached = tokenizer_module.load_tokenizer(path)
-  assert calls == [(folder, {})], 'the GGUF was parsed again'
+  assert calls == [(saved_as.__name__, folder, {})], 'the GGUF was parsed again'
+  assert type(cached) is saved_as
   umask = os.umask(0)
   os.umask(umask)
   assert os.stat(folder).st_mode & 0o777 == 0o777 & ~umask
@@ -263,8 +272,26 @@ def test_damaged_tokenizer_cache_is_rebuilt(cache, caplog):
     f.write('{"truncated": ')
   tok = tokenizer_module.load_tokenizer(path)
   assert 'unreadable' in caplog.text and tok('Hello world')['input_ids'] == [19556, 905]
-  assert tokenizer_module.AutoTokenizer.from_pretrained(folder)('Hello world')['input_ids'] == [
+  import transformers
+  assert transformers.AutoTokenizer.from_pretrained(folder)('Hello world')['input_ids'] == [
       19556, 905]
+
+
+def test_the_command_and_a_cached_tokenizer_load_without_pytorch(cache):
+  # AutoTokenizer imports transformers' model configuration code and with it PyTorch, about 3 s
+  # of every command's start; importing the main command and reading a cached tokenizer need
+  # neither. The first load (a build) may use AutoTokenizer.
+  tokenizer_module.load_tokenizer(default_gguf_path())
+  code = ('import sys, tokenspace_jax.main\n'
+          'from tokenspace_jax.models.default import default_gguf_path\n'
+          'from tokenspace_jax.models.tokenizer import load_tokenizer\n'
+          "print(load_tokenizer(default_gguf_path())('Hello world')['input_ids'],"
+          " sorted(m for m in ('torch', 'transformers.models.auto') if m in sys.modules))")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, '-c', code], cwd=root, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split('\n')[-2] == '[19556, 905] []'
 
 
 def test_changed_gguf_gets_a_new_tokenizer_entry(cache, tmp_path):
