@@ -1,0 +1,1 @@
+"""The built-in features' records (``<name>.jsonl``), shipped with the package."""
