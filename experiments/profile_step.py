@@ -61,8 +61,13 @@ def parse_hlo(text: str) -> tuple[dict, dict]:
   return instructions, computations
 
 
-def group_of(name: str, instructions: dict, computations: dict) -> str:
-  """A coarse label for one thunk's instruction, from its opcode, body and JAX op name."""
+def group_of(name: str, instructions: dict, computations: dict, runs: float = 1.0) -> str:
+  """A coarse label for one thunk's instruction, from its opcode, body and JAX op name.
+
+  ``runs`` is how often the thunk ran per step. Some of XLA:CPU's matmul fusions carry no JAX op
+  name (the attention's batched matmuls, on some CPUs); one that runs more than once a step is
+  inside the layer loop, where the only unnamed matmuls are the attention's, not the head's.
+  """
   inst = instructions.get(name)
   if inst is None:
     return 'unmatched'
@@ -76,6 +81,8 @@ def group_of(name: str, instructions: dict, computations: dict) -> str:
   if 'dot' in opcodes or inst['opcode'] in ('dot', 'custom-call') or 'ynn' in name:
     if re.search(r'/(q|k|v|o|gate|up|down)/dot_general', op_name):
       return 'layer matmuls'
+    if not op_name.strip() and runs > 1:
+      return 'attention matmuls'
     if 'logits' in op_name or 'log_softmax' in op_name or '/embed' in op_name or (
         'layers' not in op_name and 'attn' not in op_name):
       return 'head, p @ E'
@@ -137,7 +144,7 @@ def main():
   total = sum(per_op.values())
   groups = collections.Counter()
   for name, secs in per_op.items():
-    groups[group_of(name, instructions, computations)] += secs
+    groups[group_of(name, instructions, computations, count[name] / args.steps)] += secs
   print(f'{args.model} {args.prompt} batch {args.batch}: {wall * 1e3:.0f} ms/step wall, '
         f'{total * 1e3:.0f} ms/step of op time over {len(per_op)} distinct thunks, '
         f'{sum(count.values()) / args.steps:.0f} thunk runs per step')
