@@ -167,10 +167,11 @@ def _command(workdir, source, features):
 
 
 @pytest.fixture(scope='module')
-def env(tmp_path_factory):
-  """For the job's subprocesses: one compilation cache, so only the first run compiles."""
-  return {**os.environ, 'PYTHONUNBUFFERED': '1',
-          'JAX_COMPILATION_CACHE_DIR': str(tmp_path_factory.mktemp('jax_cache'))}
+def env():
+  """For the job's subprocesses. They compile into the test run's compilation cache (set by
+  conftest.py, shared by both workers), so only the first run of a program compiles it."""
+  assert os.environ.get('JAX_COMPILATION_CACHE_DIR'), 'conftest.py sets the shared cache'
+  return {**os.environ, 'PYTHONUNBUFFERED': '1'}
 
 
 @pytest.fixture(scope='module')
