@@ -15,12 +15,14 @@ import subprocess
 import sys
 
 import pytest
+import transformers
 
 from tokenspace_jax.models import ModelLoadError, load_model, offline
 from tokenspace_jax.models import tokenizer as tokenizer_module
 from tokenspace_jax.models.cache import CACHE_ENV, cache_dir
 from tokenspace_jax.models.default import DefaultModelMissingError, default_gguf_path
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHUNKS = [b'GGUF' + bytes(range(256)) * 40, os.urandom(7000), b'tail' * 333]
 
 
@@ -240,7 +242,6 @@ def test_tokenizer_is_cached_and_equivalent(cache, monkeypatch, assert_same_toke
   built = tokenizer_module.load_tokenizer(path)
   folder = tokenizer_module.cached_tokenizer_dir(path)
   assert os.path.isfile(os.path.join(folder, 'tokenizer.json'))
-  import transformers
   calls = []
 
   def recording(name, real):
@@ -272,7 +273,6 @@ def test_damaged_tokenizer_cache_is_rebuilt(cache, caplog):
     f.write('{"truncated": ')
   tok = tokenizer_module.load_tokenizer(path)
   assert 'unreadable' in caplog.text and tok('Hello world')['input_ids'] == [19556, 905]
-  import transformers
   assert transformers.AutoTokenizer.from_pretrained(folder)('Hello world')['input_ids'] == [
       19556, 905]
 
@@ -287,8 +287,7 @@ def test_the_command_and_a_cached_tokenizer_load_without_pytorch(cache):
           'from tokenspace_jax.models.tokenizer import load_tokenizer\n'
           "print(load_tokenizer(default_gguf_path())('Hello world')['input_ids'],"
           " sorted(m for m in ('torch', 'transformers.models.auto') if m in sys.modules))")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run([sys.executable, '-c', code], cwd=root, capture_output=True, text=True,
+  out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.split('\n')[-2] == '[19556, 905] []'
